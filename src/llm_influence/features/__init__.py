@@ -1,0 +1,5 @@
+"""Per-example LoRA gradients, representations and their on-disk store."""
+
+from .types import HVP, Features, KFACFactors
+
+__all__ = ["Features", "HVP", "KFACFactors"]
