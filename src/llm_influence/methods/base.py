@@ -15,6 +15,7 @@ iterations and the damping used.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -85,6 +86,20 @@ def get_method_class(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
+def method_parameters(name: str) -> list[str]:
+    """The keyword arguments a registered method accepts."""
+    params = inspect.signature(get_method_class(name).__init__).parameters
+    return [p for p, spec in params.items()
+            if p != "self" and spec.kind in (spec.POSITIONAL_OR_KEYWORD, spec.KEYWORD_ONLY)]
+
+
 def make_method(name: str, **kwargs: Any) -> Method:
-    """Instantiate a registered method; unknown keyword arguments are an error."""
+    """Instantiate a registered method; unknown keyword arguments are a :class:`UserError`."""
+    from ..errors import UserError
+
+    accepted = method_parameters(name)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise UserError(f"method {name!r}: unknown argument(s) {', '.join(unknown)}; "
+                        f"accepted: {', '.join(accepted) or 'none'}")
     return get_method_class(name)(**kwargs)

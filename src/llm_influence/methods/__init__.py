@@ -1,0 +1,29 @@
+"""Attribution methods: one module per method, all registered by name.
+
+Every method follows :class:`Method`: ``fit(train_features)`` then ``score(test_features)``
+returning ``[n_test, n_train]`` float64 scores on the device of the training gradients,
+**higher = the training example helped the test example more** (:data:`SCORE_CONVENTION`).
+
+| name | module | what it computes |
+|---|---|---|
+| ``gradsim`` / ``gradsim-cos`` | :mod:`.gradsim` | ``<v, g_i>`` / cosine of full gradients |
+| ``repsim`` | :mod:`.repsim` | cosine of representations |
+| ``datainf`` | :mod:`.datainf` | block-wise Sherman-Morrison average |
+| ``lissa`` | :mod:`.lissa` | Neumann-series iteration toward ``(H + lambda I)^{-1} v`` |
+| ``exact`` | :mod:`.exact` | block-exact ``(G_l + lambda_l I)^{-1} v_l`` |
+| ``exact-full`` | :mod:`.exact_full` | joint ``(H + lambda I)^{-1} v`` over all blocks |
+| ``ekfac`` | :mod:`.ekfac` | EK-FAC with eigenvalue correction |
+| ``tracin`` | :mod:`.tracin` | learning-rate-weighted gradient dots over checkpoints |
+
+Damping for the inverse-Hessian methods is shared (:mod:`.damping`).
+"""
+
+from . import datainf, ekfac, exact, exact_full, gradsim, lissa, repsim, tracin  # noqa: F401  (registration)
+from .base import (SCORE_CONVENTION, Method, available_methods, get_method_class, make_method,
+                   method_parameters, register)
+from .damping import DEFAULT_DAMPING_RATIO, block_damping, global_damping
+
+__all__ = [
+    "DEFAULT_DAMPING_RATIO", "Method", "SCORE_CONVENTION", "available_methods", "block_damping",
+    "get_method_class", "global_damping", "make_method", "method_parameters", "register",
+]
