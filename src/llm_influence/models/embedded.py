@@ -67,8 +67,35 @@ def embedded_dir() -> Path:
     return target
 
 
+def tokenizer_dir() -> Path:
+    """Folder with the SmolLM2 tokenizer files: the full model cache if present, else a
+    tokenizer-only cache extracted from the GGUF (seconds, not the model's 30 s)."""
+    full = cache_dir() / CACHE_NAME
+    if (full / "tokenizer.json").is_file():
+        return full
+    target = cache_dir() / (CACHE_NAME + "-tokenizer")
+    if (target / "tokenizer.json").is_file():
+        return target
+    source = gguf_path()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def load_tokenizer():
     """The SmolLM2 tokenizer (also used by ``tiny-llama``)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(embedded_dir())
+    return AutoTokenizer.from_pretrained(tokenizer_dir())
