@@ -232,6 +232,23 @@ def test_lissa_converges_to_exact_and_error_falls_with_iterations():
     assert residuals[0] > residuals[1] > residuals[2]
 
 
+def test_lissa_auto_scale_by_power_iteration_for_large_blocks(monkeypatch):
+    import llm_influence.methods.lissa as lissa_module
+
+    shapes = {"a": (3, 4), "b": (2, 3)}
+    train = random_features(9, shapes, seed=85)
+    test = random_features(2, shapes, seed=86)
+    monkeypatch.setattr(lissa_module, "EXACT_EIG_MAX_DIM", 0)
+    m = make_method("lissa", damping=0.5, iterations=400, power_iterations=200).fit(train)
+    for b in shapes:
+        X = train.flat(b)
+        top = 1.05 * (float(torch.linalg.eigvalsh(X.T @ X / X.shape[0])[-1]) + 0.5)
+        assert top * (1 - 1e-3) < m.diagnostics["scale"][b] <= top * (1 + 1e-12)
+    want = make_method("exact", damping=0.5).fit(train).score(test).numpy()
+    got = m.score(test).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+
+
 def test_lissa_matches_the_recursion_written_out():
     """r_{t+1} = v + r_t - (G + lam I) r_t / s, x = r_T / s (not (G - lam I))."""
     shapes = {"a": (2, 3)}
