@@ -22,6 +22,15 @@ from llm_influence.linear import BLOCK, SoftmaxRegression, with_bias
 from llm_influence.methods import make_method
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is fastest and immune to CPU contention."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _data_dir() -> Path:
     value = os.environ.get("LLM_INFLUENCE_DATA")
     if not value or not (Path(value) / "mnist").is_dir():
@@ -30,8 +39,9 @@ def _data_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def mnist_pool4():
-    return load_mnist(_data_dir(), pool=4)
+def mnist_pool7():
+    """4x4-pooled MNIST: 16 pixel features."""
+    return load_mnist(_data_dir(), pool=7)
 
 
 def test_load_mnist_shapes_ranges_and_pooling():
@@ -47,12 +57,12 @@ def test_load_mnist_shapes_ranges_and_pooling():
     torch.testing.assert_close(x4[3].reshape(7, 7)[2, 5], img[8:12, 20:24].mean())
 
 
-def test_mnist_split_is_deterministic_and_disjoint(mnist_pool4):
-    x, y = mnist_pool4
+def test_mnist_split_is_deterministic_and_disjoint(mnist_pool7):
+    x, y = mnist_pool7
     x = torch.cat([x, torch.arange(len(x), dtype=x.dtype)[:, None]], 1)  # tag rows to check overlap
     (a, ya), (b, yb) = mnist_split(x, y, [100, 50], seed=3)
     (a2, _), (b2, _) = mnist_split(x, y, [100, 50], seed=3)
-    assert torch.equal(a, a2) and torch.equal(b, b2) and a.shape == (100, 50) and yb.shape == (50,)
+    assert torch.equal(a, a2) and torch.equal(b, b2) and a.shape == (100, 17) and yb.shape == (50,)
     assert not set(a[:, -1].tolist()) & set(b[:, -1].tolist())
     assert not torch.equal(mnist_split(x, y, [100], seed=4)[0][0], a)
     with pytest.raises(UserError, match="do not fit"):
@@ -97,18 +107,29 @@ def _pearson(a, b) -> float:
     return float(np.corrcoef(np.asarray(a).ravel(), np.asarray(b).ravel())[0, 1])
 
 
-def test_ekfac_tracks_exact_influence_on_mnist_logistic_regression():
+def test_ekfac_tracks_exact_influence_on_mnist_logistic_regression(mnist_pool7):
     """EK-FAC against exact influence with the same damped Gauss-Newton matrix.
 
     Model: 10-class softmax regression on 4x4-pooled MNIST (16 pixels + intercept, 170
     parameters), L2 1e-3, trained to convergence on 300 images. Reference: ``exact``,
     i.e. ``(G + lambda I)^{-1}`` with ``G = (1/n) sum_i g_i g_i^T`` the empirical Fisher
     (Gauss-Newton from the stored per-example gradients), which is the matrix EK-FAC's
-    eigenvalue correction is fitted to; both use ``damping_ratio = 1``. (With the paper's
-    ratio 0.1 the Kronecker eigenbasis matters more and the correlation here is about
-    0.89; ``datainf`` and ``gradsim`` are far lower in both cases, about 0.56 and 0.90.)
+    eigenvalue correction is fitted to; both use ``damping_ratio = 1``.
+
+    Pearson over all 60 x 300 scores, measured when this test was written:
+
+    ==============  =====  =======  =======
+    damping_ratio   ekfac  datainf  gradsim
+    ==============  =====  =======  =======
+    1 (this test)   0.980  0.885    0.877
+    0.1 (paper)     0.870  0.528    0.522
+    ==============  =====  =======  =======
+
+    With less damping the directions the Kronecker eigenbasis gets wrong weigh more, so
+    the test holds EK-FAC to > 0.95 at ratio 1 and, at the paper's ratio, to clearly
+    beating DataInf.
     """
-    x, y = load_mnist(_data_dir(), pool=7)
+    x, y = mnist_pool7
     (xtr, ytr), (xte, yte) = mnist_split(x, y, [300, 60], seed=0)
     Xtr, Xte = with_bias(xtr), with_bias(xte)
     model = SoftmaxRegression(Xtr.shape[1], 10, l2=1e-3).fit(Xtr, ytr)
@@ -121,11 +142,17 @@ def test_ekfac_tracks_exact_influence_on_mnist_logistic_regression():
     assert r_ekfac > r_datainf + 0.03
     assert ekfac.diagnostics["residual_mean"] < 1.0
 
+    exact_paper = make_method("exact").fit(train).score(test)
+    r_ekfac_paper = _pearson(make_method("ekfac").fit(train).score(test), exact_paper)
+    r_datainf_paper = _pearson(make_method("datainf").fit(train).score(test), exact_paper)
+    assert r_ekfac_paper > 0.8 and r_ekfac_paper > r_datainf_paper + 0.2
 
-def test_exact_influence_predicts_leave_one_out_retraining(mnist_pool4):
+
+def test_exact_influence_predicts_leave_one_out_retraining(mnist_pool7):
     """Influence of the L2-regularised logistic regression tracks true leave-one-out.
 
-    Objective ``L(W) = (1/n) sum_j l_j(W) + (mu/2) ||W||^2`` with optimum ``W*``. Removing
+    Model: 10-class softmax regression on 4x4-pooled MNIST with an intercept, 300 training
+    and 100 test images. Objective ``L(W) = (1/n) sum_j l_j(W) + (mu/2) ||W||^2`` with optimum ``W*``. Removing
     example ``i`` (weight ``1 -> 0``, normalisation kept at ``1/n``) is the perturbation
     ``L + eps l_i`` with ``eps = -1/n``. The implicit-function theorem gives
     ``dW*/d eps = -H^{-1} grad l_i`` with ``H`` the Hessian of ``L`` at ``W*``, so
@@ -139,10 +166,10 @@ def test_exact_influence_predicts_leave_one_out_retraining(mnist_pool4):
     test loss. Scored with one pseudo test example whose gradient is ``v`` (scores are linear
     in the test gradient).
     """
-    x, y = mnist_pool4
+    x, y = mnist_pool7
     (xtr, ytr), (xte, yte) = mnist_split(x, y, [300, 100], seed=1)
-    Xtr, Xte = with_bias(xtr), with_bias(xte)
-    mu = 3e-3
+    Xtr, Xte = with_bias(xtr), with_bias(xte)  # 17 features, 170 parameters
+    mu = 1e-3
     model = SoftmaxRegression(Xtr.shape[1], 10, l2=mu).fit(Xtr, ytr, tol=1e-12)
     assert model.fit_info["converged"]
     train = model.features(Xtr, ytr, hvp=True)
