@@ -151,6 +151,42 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _lissa_scale(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def _damping(text: str):
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def cmd_attribute(ns: argparse.Namespace) -> int:
+    from .attribute import AttributeArgs, attribute, summary_line
+    from .progress import log
+
+    methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip())
+    if not methods:
+        raise UserError("--methods: give at least one method")
+    args = AttributeArgs(methods=methods, checkpoint=ns.checkpoint, damping=ns.damping,
+                         damping_ratio=ns.damping_ratio, lissa_iters=ns.lissa_iters, lissa_scale=ns.lissa_scale,
+                         hessian=ns.hessian, batch_size=ns.batch_size, dtype=ns.dtype, rep_layer=ns.rep_layer,
+                         rep_pooling=ns.rep_pooling, force=ns.force)
+    results = attribute(ns.run, args)
+    for result in results:
+        print(summary_line(result))
+    log(f"scores in {ns.run}/scores/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-influence", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +212,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="last", help="epoch-N or last")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_generate)
+
+    from .attribute import DEFAULT_METHODS
+
+    p = sub.add_parser("attribute", help="score every training example for every test example")
+    _add_common(p)
+    p.add_argument("--run", required=True)
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated: datainf, lissa, gradsim, gradsim-cos, repsim, exact, exact-full, ekfac, tracin")
+    p.add_argument("--checkpoint", default="last", help="epoch-N, last or all")
+    p.add_argument("--damping", type=_damping, default=None,
+                   help="a number, or 'auto' (default): per block damping-ratio x mean squared gradient entry")
+    p.add_argument("--damping-ratio", type=float, default=0.1, help="the paper's 1/lambda_c (default 0.1)")
+    p.add_argument("--lissa-iters", type=int, default=10)
+    p.add_argument("--lissa-scale", type=_lissa_scale, default="auto")
+    p.add_argument("--hessian", choices=["gauss-newton", "true"], default="gauss-newton",
+                   help="lissa/exact-full: stored-gradient Gauss-Newton (default) or true Hessian-vector products")
+    p.add_argument("--batch-size", type=int, default=8, help="feature extraction batch size")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--rep-layer", type=int, default=-1, help="hidden-state index for repsim (default: last)")
+    p.add_argument("--rep-pooling", choices=["last-prompt", "mean-prompt", "mean"], default="last-prompt")
+    p.add_argument("--force", action="store_true", help="recompute features and scores")
+    p.set_defaults(func=cmd_attribute)
     return parser
 
 
