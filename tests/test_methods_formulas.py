@@ -258,6 +258,15 @@ def test_lissa_auto_scale_by_power_iteration_for_large_blocks(monkeypatch):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
 
 
+def test_lissa_with_too_small_a_scale_diverges_visibly():
+    shapes = {"a": (3, 4)}
+    train = random_features(9, shapes, seed=87)
+    test = random_features(2, shapes, seed=88)
+    m = make_method("lissa", damping=0.5, scale=0.05, iterations=400).fit(train)
+    m.score(test)
+    assert m.diagnostics["residual_max"] == float("inf") or m.diagnostics["residual_max"] > 1e6
+
+
 def test_lissa_matches_the_recursion_written_out():
     """r_{t+1} = v + r_t - (G + lam I) r_t / s, x = r_T / s (not (G - lam I))."""
     shapes = {"a": (2, 3)}

@@ -107,10 +107,12 @@ def gn_apply(X: torch.Tensor, lam: float, x: torch.Tensor) -> torch.Tensor:
 
 
 def relative_residual(Hx: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Row-wise ``||Hx - v|| / ||v||`` ``[m]``; NaN where ``||v|| = 0`` (undefined, skipped)."""
+    """Row-wise ``||Hx - v|| / ||v||`` ``[m]``; NaN where ``||v|| = 0`` (undefined, skipped),
+    inf where the solution itself is not finite (a diverged solver must show)."""
     num = torch.linalg.vector_norm(Hx - v, dim=-1)
     den = torch.linalg.vector_norm(v, dim=-1)
     out = num / den
+    out[torch.isnan(out)] = float("inf")
     out[den == 0] = float("nan")
     return out
 

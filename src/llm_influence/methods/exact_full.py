@@ -132,6 +132,7 @@ class ExactFull(Method):
             v_sq += V.square().sum(dim=1)
             xs.append(x)
         rel = res_sq.sqrt() / v_sq.sqrt()
+        rel[torch.isnan(rel)] = float("inf")
         rel[v_sq == 0] = float("nan")
         self._stats.add("all", rel)
         return scores, xs
@@ -169,8 +170,7 @@ class ExactFull(Method):
             rs = rs_new
         self._cg["iterations"].append(iterations)
         self._cg["converged"] += int(converged)
-        rel = torch.linalg.vector_norm(op(x) + lam * x - v) / v_norm
-        self._stats.add("all", rel.reshape(1))
+        self._stats.add("all", relative_residual(op(x) + lam * x, v))
         return x
 
     def _true_solve(self, test: Features) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -49,7 +49,7 @@ from ..errors import UserError
 from ..features.types import Features
 from ._common import (DTYPE, BlockwiseInverseMethod, HvpOperator, ResidualStats, check_compatible,
                       choice, concat_row, device_of, flat64, positive_float, positive_int,
-                      power_iteration, require_grads)
+                      power_iteration, relative_residual, require_grads)
 from .base import register
 from .damping import global_damping
 
@@ -151,8 +151,7 @@ class LiSSA(BlockwiseInverseMethod):
         for _ in range(self.iterations):
             r = v + r - (op(r) + lam * r) / s
         x = r / s
-        rel = torch.linalg.vector_norm(op(x) + lam * x - v) / torch.linalg.vector_norm(v)
-        self._stats.add("all", rel.reshape(1))  # NaN (skipped) when v = 0
+        self._stats.add("all", relative_residual(op(x) + lam * x, v))
         return x
 
     def _true_solutions(self, test: Features):
