@@ -187,6 +187,24 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluation.run_metrics import evaluate_run, metrics_table
+    from .progress import log
+
+    metrics = evaluate_run(ns.run, rank_by=ns.rank_by)
+    table = Table(title=f"{metrics['task']}: Acc / Cover (rank by {metrics['rank_by']})")
+    for col in ("checkpoint", "method", "Acc %", "Cover %", "seconds", "residual max"):
+        table.add_column(col, justify="right" if col not in ("checkpoint", "method") else "left")
+    for row in metrics_table(metrics):
+        table.add_row(*row)
+    Console().print(table)
+    log(f"metrics in {ns.run}/metrics.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-influence", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-pooling", choices=["last-prompt", "mean-prompt", "mean"], default="last-prompt")
     p.add_argument("--force", action="store_true", help="recompute features and scores")
     p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("evaluate", help="Acc and Cover of every scores file of a run -> RUN/metrics.json")
+    _add_common(p)
+    p.add_argument("--run", required=True)
+    p.add_argument("--rank-by", choices=["score", "abs"], default="score",
+                   help="score: descending (default); abs: the paper's older |IF| ranking")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -1,0 +1,81 @@
+"""The ``evaluate`` stage: every scores file of a run -> Acc/Cover -> ``RUN/metrics.json``.
+
+Scores are matched to the run's examples by id (the ids stored with the scores must equal
+the run's train/test ids, else the scores are stale and it is an error). Ground truth is
+the run's :class:`~llm_influence.data.TaskData` relevance (same group).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..attribute import read_scores
+from ..errors import UserError
+from ..io_utils import write_json
+from ..rundir import EPOCH_RE, RunDir
+from .metrics import RANK_BY_CHOICES, evaluate_scores, relevance_from_task
+
+DIAGNOSTIC_SUMMARY_KEYS = ("residual_max", "residual_mean", "residual_reference", "iterations", "converged",
+                           "scale", "damping_source")
+
+
+def _summary(diagnostics: dict[str, Any]) -> dict[str, Any]:
+    """The scalar part of a method's diagnostics (per-block details stay in the scores file)."""
+    out = {k: diagnostics[k] for k in DIAGNOSTIC_SUMMARY_KEYS if k in diagnostics}
+    damping = diagnostics.get("damping")
+    if isinstance(damping, dict) and damping:
+        values = [float(v) for v in damping.values()]
+        out["damping_min"], out["damping_max"] = min(values), max(values)
+    elif isinstance(damping, (int, float)):
+        out["damping"] = float(damping)
+    return out
+
+
+def evaluate_run(run_path: str | Path, rank_by: str = "score") -> dict[str, Any]:
+    """Compute Acc/Cover for every ``RUN/scores/epoch-N/METHOD.safetensors`` and write
+    ``RUN/metrics.json``: ``{"rank_by", "checkpoints": {epoch-N: {method: {acc, cover,
+    n_scored, n_skipped, seconds, feature_seconds, diagnostics}}}}``."""
+    if rank_by not in RANK_BY_CHOICES:
+        raise UserError(f"--rank-by {rank_by!r}: choose one of {', '.join(RANK_BY_CHOICES)}")
+    run = RunDir(run_path)
+    task = run.load_task()
+    relevant = relevance_from_task(task)
+    train_ids = [e.id for e in task.train]
+    test_ids = [e.id for e in task.test]
+    root = run.path / "scores"
+    if not root.is_dir():
+        raise UserError(f"{run.path}: no scores; run `llm-influence attribute --run {run.path}` first")
+    checkpoints: dict[str, dict[str, Any]] = {}
+    for folder in sorted((p for p in root.iterdir() if EPOCH_RE.match(p.name)), key=lambda p: int(p.name[6:])):
+        per_method: dict[str, Any] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            scores, meta = read_scores(path)
+            if meta.get("train_ids") != train_ids or meta.get("test_ids") != test_ids:
+                raise UserError(f"{path}: scores were computed for other examples than the run's; "
+                                "re-run `llm-influence attribute --force`")
+            m = evaluate_scores(scores, relevant, rank_by=rank_by)
+            per_method[meta.get("method", path.stem)] = {
+                **m.to_dict(), "seconds": meta.get("seconds"), "feature_seconds": meta.get("feature_seconds"),
+                "arguments": meta.get("arguments", {}), "diagnostics": _summary(meta.get("diagnostics", {})),
+            }
+        if per_method:
+            checkpoints[folder.name] = per_method
+    if not checkpoints:
+        raise UserError(f"{root}: no scores files; run `llm-influence attribute --run {run.path}` first")
+    metrics = {"task": task.name, "rank_by": rank_by, "n_train": len(train_ids), "n_test": len(test_ids),
+               "checkpoints": checkpoints}
+    write_json(run.metrics_path, metrics)
+    return metrics
+
+
+def metrics_table(metrics: dict[str, Any]) -> list[list[str]]:
+    """Rows ``[checkpoint, method, acc %, cover %, seconds, residual max]`` for printing."""
+    rows = []
+    for checkpoint, per_method in metrics["checkpoints"].items():
+        for method, m in per_method.items():
+            res = m["diagnostics"].get("residual_max")
+            rows.append([checkpoint, method, f"{100 * m['acc']:.1f}", f"{100 * m['cover']:.1f}",
+                         "" if m["seconds"] is None else f"{m['seconds']:.2f}",
+                         "" if res is None else f"{res:.2e}"])
+    return rows
