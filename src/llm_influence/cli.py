@@ -205,6 +205,24 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(ns: argparse.Namespace) -> int:
+    from .attribute import AttributeArgs
+    from .progress import log
+    from .reproduce import reproduce
+
+    tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()] if ns.tasks else None
+    methods = [m.strip() for m in ns.methods.split(",") if m.strip()] if ns.methods else None
+    args = AttributeArgs(damping=ns.damping, damping_ratio=ns.damping_ratio, lissa_iters=ns.lissa_iters,
+                         lissa_scale=ns.lissa_scale, batch_size=ns.batch_size)
+    results = reproduce(ns.profile, ns.out, tasks=tasks, methods=methods, data_dir=ns.data_dir, model=ns.model,
+                        rank_by=ns.rank_by, attribute_args=args)
+    for task, entry in results["tasks"].items():
+        cells = "  ".join(f"{m} {100 * v['acc']:.1f}/{100 * v['cover']:.1f}" for m, v in entry["methods"].items())
+        print(f"{task:<13} {cells}")
+    log(f"reproduce ({ns.profile}) finished in {results['wall_seconds']:.0f} s; report in {ns.out}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-influence", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-by", choices=["score", "abs"], default="score",
                    help="score: descending (default); abs: the paper's older |IF| ranking")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("reproduce", help="fine-tune, attribute and evaluate every paper task; write the report")
+    _add_common(p)
+    p.add_argument("--profile", default="cpu", help="smoke, cpu (default) or paper")
+    p.add_argument("--out", required=True, help="output directory (runs/, results.json, report.md, figures/)")
+    p.add_argument("--tasks", help="comma-separated (default: the paper's eight tasks)")
+    p.add_argument("--methods", help="comma-separated (default: datainf,lissa,gradsim,repsim)")
+    p.add_argument("--model", help="override the profile's model")
+    p.add_argument("--rank-by", choices=["score", "abs"], default="score")
+    p.add_argument("--damping", type=_damping, default=None)
+    p.add_argument("--damping-ratio", type=float, default=0.1)
+    p.add_argument("--lissa-iters", type=int, default=10)
+    p.add_argument("--lissa-scale", type=_lissa_scale, default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="feature extraction batch size")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

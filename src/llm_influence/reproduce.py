@@ -1,0 +1,158 @@
+"""``reproduce``: fine-tune -> attribute -> evaluate on every paper task, then the report.
+
+Each task gets its own run directory ``DIR/runs/TASK``; every stage skips work that is
+already complete (fine-tuning resumes, features and scores are reused when their inputs
+are unchanged), so an interrupted ``reproduce`` picks up where it stopped. Results are
+written after every task: ``DIR/results.json`` (every number) and ``DIR/report.md``
+(the paper's Tables 2-4 with the published numbers beside ours, and Figs. 1-2).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .attribute import AttributeArgs, attribute, read_scores
+from .config import get_profile
+from .data import load_task
+from .errors import UserError
+from .evaluation.run_metrics import evaluate_run
+from .io_utils import write_json, write_text
+from .progress import log
+from .rundir import RunDir, versions
+from .training import finetune
+
+PAPER_TASKS_ORDER = ("mixed-small", "mixed-large", "grammars", "math", "harmfulcheck",
+                     "backdoor-1", "backdoor-3", "backdoor-5")
+DEFAULT_BENCHMARK_METHODS = ("datainf", "lissa", "gradsim", "repsim")
+SHOWCASE_TASK = "mixed-small"
+
+
+def machine_description() -> str:
+    import os
+
+    mem = ""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            kb = int(fh.readline().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU{mem}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def _epoch_rows(run: RunDir) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in run.train_log.read_text(encoding="utf-8").splitlines()]
+    return [r for r in rows if r.get("kind") == "epoch"]
+
+
+def run_task(task_name: str, profile_name: str, out_dir: Path, *, methods: Sequence[str],
+             data_dir: Optional[str] = None, model: Optional[str] = None, rank_by: str = "score",
+             attribute_args: Optional[AttributeArgs] = None) -> dict[str, Any]:
+    """One task end to end; returns its entry of ``results.json``."""
+    profile = get_profile(profile_name)
+    tp = profile.task(task_name)
+    args = profile.train_args(task_name)
+    task = load_task(task_name, data_dir, train_per_group=tp.train_per_group, test_per_group=tp.test_per_group,
+                     seed=args.seed)
+    run_path = out_dir / "runs" / task_name
+    t0 = time.time()
+    result = finetune(run_path, task, model_name=model or profile.model, lora=profile.lora, args=args,
+                      task_config={"profile": profile.name, "train_per_group": tp.train_per_group,
+                                   "test_per_group": tp.test_per_group})
+    run = RunDir(run_path)
+    attr_args = replace(attribute_args or AttributeArgs(), methods=tuple(methods), checkpoint="last")
+    attribute(run_path, attr_args)
+    metrics = evaluate_run(run_path, rank_by=rank_by)
+    checkpoint = run.resolve_checkpoints("last")[0]
+    per_method = metrics["checkpoints"][checkpoint]
+    epochs = _epoch_rows(run)
+    feature_seconds = max((m.get("feature_seconds") or 0.0) for m in per_method.values())
+    return {
+        "n_train": len(task.train), "n_test": len(task.test),
+        "train_groups": task.group_counts("train"), "test_groups": task.group_counts("test"),
+        "epochs": result.epochs_done, "stopped_early": result.stopped_early,
+        "train_loss": [r["train_loss"] for r in epochs], "val_loss": [r["val_loss"] for r in epochs],
+        "finetune_seconds": sum(r.get("seconds") or 0.0 for r in epochs),
+        "checkpoint": checkpoint, "feature_seconds": feature_seconds,
+        "max_length": args.max_length, "lr": args.lr, "batch_size": args.batch_size,
+        "methods": {name: {k: m[k] for k in ("acc", "cover", "seconds", "n_scored", "n_skipped", "diagnostics")}
+                    for name, m in per_method.items() if name in methods},
+        "run_dir": str(run_path), "stage_seconds": time.time() - t0,
+    }
+
+
+def _figures(out_dir: Path, results: dict[str, Any], methods: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Fig. 2 (heatmaps) and Fig. 1 (showcase) for the showcase task, if it was run.
+
+    Returns ``({title: relative PNG path}, {title: showcase markdown})``."""
+    from .report.figures import heatmap_figure, showcase_figure
+
+    entry = results["tasks"].get(SHOWCASE_TASK)
+    if entry is None:
+        return {}, {}
+    run = RunDir(entry["run_dir"])
+    task = run.load_task()
+    scores = {}
+    for name in methods:
+        path = run.scores_dir(entry["checkpoint"]) / f"{name}.safetensors"
+        if path.is_file():
+            scores[name] = read_scores(path)[0]
+    if not scores:
+        return {}, {}
+    rank_by = results.get("rank_by", "score")
+    heat = out_dir / "figures" / f"fig2_heatmap_{SHOWCASE_TASK}.png"
+    heatmap_figure(scores, [e.group for e in task.train], "harmful", heat, rank_by=rank_by,
+                   title=f"Fig. 2: scores on {SHOWCASE_TASK} (harmful training examples left of the line)")
+    from .report.figures import top_by_method
+
+    test_index = 0
+    top = top_by_method(scores, task.train, test_index, rank_by=rank_by)
+    show = out_dir / "figures" / f"fig1_showcase_{SHOWCASE_TASK}.png"
+    markdown = showcase_figure(task.test[test_index], top, show)
+    figures = {f"Fig. 2: score heatmaps on {SHOWCASE_TASK}": str(heat.relative_to(out_dir)),
+               f"Fig. 1: each method's top training example for one {SHOWCASE_TASK} test prompt":
+                   str(show.relative_to(out_dir))}
+    return figures, {f"Fig. 1 (text): {SHOWCASE_TASK}, test example {task.test[test_index].id}": markdown}
+
+
+def reproduce(profile_name: str, out_dir: str | Path, *, tasks: Optional[Sequence[str]] = None,
+              methods: Optional[Sequence[str]] = None, data_dir: Optional[str] = None,
+              model: Optional[str] = None, rank_by: str = "score",
+              attribute_args: Optional[AttributeArgs] = None) -> dict[str, Any]:
+    """Run the benchmark; write ``results.json``, ``report.md`` and the figures into ``out_dir``."""
+    from .report.markdown import render_report
+
+    profile = get_profile(profile_name)
+    out = Path(out_dir)
+    names = list(tasks or PAPER_TASKS_ORDER)
+    methods = list(methods or DEFAULT_BENCHMARK_METHODS)
+    for name in names:
+        if name not in profile.tasks and profile.name != "paper" and not name.startswith("jsonl:"):
+            raise UserError(f"task {name!r} has no settings in profile {profile.name!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    results: dict[str, Any] = {
+        "profile": profile.name, "model": model or profile.model, "machine": machine_description(),
+        "rank_by": rank_by, "methods": methods, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "versions": versions(), "tasks": {},
+    }
+    for i, name in enumerate(names, 1):
+        log(f"[{i}/{len(names)}] {name}")
+        results["tasks"][name] = run_task(name, profile.name, out, methods=methods, data_dir=data_dir,
+                                          model=model, rank_by=rank_by, attribute_args=attribute_args)
+        results["wall_seconds"] = time.time() - t0
+        write_json(out / "results.json", results)
+    figures, showcases = _figures(out, results, methods)
+    results["figures"] = figures
+    results["wall_seconds"] = time.time() - t0
+    write_json(out / "results.json", results)
+    write_text(out / "report.md", render_report(results, figures, showcases=showcases))
+    return results
