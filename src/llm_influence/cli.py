@@ -58,6 +58,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patience", type=int)
     g.add_argument("--eval-batch-size", type=int)
     g.add_argument("--validation", choices=["test", "none"])
+    g.add_argument("--val-per-group", type=int, help="cap the validation examples per group")
     l = p.add_argument_group("LoRA (defaults: the paper's r=4, alpha=32, dropout 0.1 on q_proj,v_proj)")
     l.add_argument("--lora-r", type=int)
     l.add_argument("--lora-alpha", type=int)

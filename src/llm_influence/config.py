@@ -23,7 +23,8 @@ class TrainArgs:
     0 at the end of ``epochs`` (the transformers Trainer's default schedule). Early
     stopping ends training when the validation loss has risen for ``patience`` consecutive
     evaluations (the paper's rule); it needs a validation split (by default the task's test
-    split).
+    split; ``val_per_group`` caps it per group with a deterministic stratified subsample,
+    to bound the cost of evaluating every epoch).
     """
 
     epochs: int = 10
@@ -39,6 +40,7 @@ class TrainArgs:
     patience: int = 3
     eval_batch_size: int = 16
     validation: Literal["test", "none"] = "test"
+    val_per_group: Optional[int] = None
 
     def validate(self) -> None:
         checks = [
@@ -47,6 +49,7 @@ class TrainArgs:
             ("patience", self.patience >= 1), ("eval_batch_size", self.eval_batch_size >= 1),
             ("loss_on", self.loss_on in ("response", "all")), ("validation", self.validation in ("test", "none")),
             ("weight_decay", self.weight_decay >= 0), ("max_grad_norm", self.max_grad_norm >= 0),
+            ("val_per_group", self.val_per_group is None or self.val_per_group >= 1),
         ]
         for name, ok in checks:
             if not ok:
@@ -92,26 +95,33 @@ def _smoke() -> Profile:
 
 
 def _cpu() -> Profile:
-    # Sizes and lengths are chosen so every task fits the ~45 minute budget on 2 cores while
-    # the model still learns each task (README, "The cpu profile").
+    # Every task must fit ~45 minutes on 2 CPU cores while the model still learns it. On this
+    # machine SmolLM2-135M runs ~250 tokens/s forward and ~125 tokens/s forward+backward, so
+    # the budget is set by tokens: 96-token sequences (the prompt and the first ~50 response
+    # tokens, which already separate harmful/benign, refusal/compliance and the trigger
+    # classes; grammar and math examples fit whole in 96/112), 60-100 training examples,
+    # 3-5 epochs, and validation on at most 8 test examples per group. README, "The cpu
+    # profile", gives the measured times.
     return Profile(
         name="cpu", model="smollm2-135m",
         description="embedded SmolLM2-135M on stratified subsets, every task in about 45 minutes on 2 CPU cores",
         lora=LoraSpec(),
-        train=TrainArgs(epochs=5, batch_size=8, lr=5e-4, max_length=160),
+        train=TrainArgs(epochs=4, batch_size=8, lr=5e-4, max_length=96, val_per_group=8),
         tasks={
-            "mixed-small": TaskProfile(train=dict(max_length=192, epochs=6)),
-            "mixed-large": TaskProfile(train_per_group={"harmful": 20, "benign": 60}, test_per_group=40,
-                                       train=dict(max_length=192, epochs=5)),
-            "grammars": TaskProfile(train_per_group=12, test_per_group=4, train=dict(max_length=96)),
-            "math": TaskProfile(train_per_group=12, test_per_group=4, train=dict(max_length=160)),
-            "harmfulcheck": TaskProfile(train_per_group=30, test_per_group=20, train=dict(max_length=128)),
-            "backdoor-1": TaskProfile(train_per_group=40, test_per_group=10, train=dict(max_length=128)),
-            "backdoor-3": TaskProfile(train_per_group=20, test_per_group=8, train=dict(max_length=128)),
-            "backdoor-5": TaskProfile(train_per_group=14, test_per_group=6, train=dict(max_length=128)),
-            "mixed-l": TaskProfile(train_per_group={"harmful": 20, "benign": 60}, test_per_group=40),
-            "emotion": TaskProfile(train_per_group=30, test_per_group=10, train=dict(max_length=96)),
-            "grammars-rule": TaskProfile(train_per_group=12, test_per_group=4, train=dict(max_length=96)),
+            "mixed-small": TaskProfile(train=dict(epochs=5, val_per_group=16)),
+            "mixed-large": TaskProfile(train_per_group={"harmful": 20, "benign": 40}, test_per_group=40,
+                                       train=dict(val_per_group=16)),
+            "grammars": TaskProfile(train_per_group=10, test_per_group=3, train=dict(epochs=3, val_per_group=2)),
+            "math": TaskProfile(train_per_group=10, test_per_group=3,
+                                train=dict(epochs=3, max_length=112, val_per_group=2)),
+            "harmfulcheck": TaskProfile(train_per_group=30, test_per_group=20),
+            "backdoor-1": TaskProfile(train_per_group=30, test_per_group=10),
+            "backdoor-3": TaskProfile(train_per_group=15, test_per_group=5, train=dict(val_per_group=4)),
+            "backdoor-5": TaskProfile(train_per_group=10, test_per_group=5, train=dict(val_per_group=3)),
+            "mixed-l": TaskProfile(train_per_group={"harmful": 20, "benign": 40}, test_per_group=40,
+                                   train=dict(val_per_group=16)),
+            "emotion": TaskProfile(train_per_group=20, test_per_group=6, train=dict(max_length=64)),
+            "grammars-rule": TaskProfile(train_per_group=10, test_per_group=3, train=dict(val_per_group=2)),
         },
     )
 

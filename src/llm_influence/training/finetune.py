@@ -21,6 +21,7 @@ import torch
 
 from ..config import TrainArgs
 from ..data.example import Example, TaskData
+from ..data.tasks import subsample
 from ..errors import UserError
 from ..io_utils import append_jsonl
 from ..models.formatting import ChatFormatter, Encoded, collate, model_inputs
@@ -145,7 +146,8 @@ def finetune(
     model = attach_lora(model, lora, seed=args.seed)
     formatter = ChatFormatter(tokenizer, max_length=args.max_length, loss_on=args.loss_on)
     train_enc = [formatter.encode(e) for e in task.train]
-    val_enc = [formatter.encode(e) for e in task.test] if args.validation == "test" else []
+    val_examples = subsample(task.test, args.val_per_group, args.seed) if args.validation == "test" else []
+    val_enc = [formatter.encode(e) for e in val_examples]
     pad_id = tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
