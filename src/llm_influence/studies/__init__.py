@@ -1,0 +1,25 @@
+"""The paper's analyses of why influence functions fail, as registered studies.
+
+Every study is a function ``(profile, out_dir, data_dir, options) -> StudyResult``
+registered by name (:func:`register_study`) and run with :func:`run_study`, which writes
+``OUT/NAME.json``, ``OUT/NAME.md`` and the study's PNG figure(s) atomically. Profiles:
+``smoke`` (seconds), ``cpu`` (minutes on 2 cores), ``paper`` (the paper's sizes).
+
+| name | paper | module |
+|---|---|---|
+| ``approximation`` | Table 5, Fig. 3 | :mod:`.approximation` (linear MNIST, no LLM) |
+| ``model-size`` | Fig. 7 | :mod:`.model_size` (two-layer linear MNIST, no LLM) |
+
+LLM studies register themselves the same way in their own modules, imported here.
+"""
+
+from . import approximation, model_size  # noqa: F401  (registration)
+from .base import (PROFILES, StudyResult, StudySpec, available_studies, get_study, jsonable, markdown_table,
+                   new_figure, register_study, resolve_options, run_study, save_figure, study_descriptions,
+                   unregister_study)
+
+__all__ = [
+    "PROFILES", "StudyResult", "StudySpec", "available_studies", "get_study", "jsonable", "markdown_table",
+    "new_figure", "register_study", "resolve_options", "run_study", "save_figure", "study_descriptions",
+    "unregister_study",
+]
