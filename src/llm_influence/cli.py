@@ -59,6 +59,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=int)
     g.add_argument("--validation", choices=["test", "none"])
     g.add_argument("--val-per-group", type=int, help="cap the validation examples per group")
+    g.add_argument("--autocast", choices=["none", "bf16"], help="bfloat16 autocast for the training step")
     l = p.add_argument_group("LoRA (defaults: the paper's r=4, alpha=32, dropout 0.1 on q_proj,v_proj)")
     l.add_argument("--lora-r", type=int)
     l.add_argument("--lora-alpha", type=int)
@@ -224,6 +225,23 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(ns: argparse.Namespace) -> int:
+    from .progress import log
+    from .studies import run_study
+
+    options: dict[str, str] = {}
+    for item in ns.option or []:
+        if "=" not in item:
+            raise UserError(f"--option {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        options[key.strip().replace("-", "_")] = value
+    result = run_study(ns.name, ns.profile, ns.out, data_dir=ns.data_dir, **options)
+    print(result.markdown)
+    log(f"study {ns.name} ({ns.profile}): {result.json_path}, {result.markdown_path}, "
+        + ", ".join(str(f) for f in result.figures))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-influence", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lissa-scale", type=_lissa_scale, default="auto")
     p.add_argument("--batch-size", type=int, default=8, help="feature extraction batch size")
     p.set_defaults(func=cmd_reproduce)
+
+    from .studies import study_descriptions
+
+    p = sub.add_parser("study", help="one of the paper's analyses: " + ", ".join(study_descriptions()))
+    _add_common(p)
+    p.add_argument("name", help="; ".join(f"{k}: {v}" for k, v in study_descriptions().items()))
+    p.add_argument("--profile", default="cpu", help="smoke, cpu (default) or paper")
+    p.add_argument("--out", required=True, help="output directory (NAME.json, NAME.md, PNGs)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="study-specific option (repeatable)")
+    p.set_defaults(func=cmd_study)
     return parser
 
 

@@ -24,7 +24,10 @@ class TrainArgs:
     stopping ends training when the validation loss has risen for ``patience`` consecutive
     evaluations (the paper's rule); it needs a validation split (by default the task's test
     split; ``val_per_group`` caps it per group with a deterministic stratified subsample,
-    to bound the cost of evaluating every epoch).
+    to bound the cost of evaluating every epoch). ``autocast="bf16"`` runs the training
+    forward/backward under bfloat16 autocast (weights, optimizer state and the saved adapter
+    stay float32; on CPUs with AVX512-BF16 it is ~1.5-2x faster); attribution features are
+    always computed in float32 or float64.
     """
 
     epochs: int = 10
@@ -41,6 +44,7 @@ class TrainArgs:
     eval_batch_size: int = 16
     validation: Literal["test", "none"] = "test"
     val_per_group: Optional[int] = None
+    autocast: Literal["none", "bf16"] = "none"
 
     def validate(self) -> None:
         checks = [
@@ -50,6 +54,7 @@ class TrainArgs:
             ("loss_on", self.loss_on in ("response", "all")), ("validation", self.validation in ("test", "none")),
             ("weight_decay", self.weight_decay >= 0), ("max_grad_norm", self.max_grad_norm >= 0),
             ("val_per_group", self.val_per_group is None or self.val_per_group >= 1),
+            ("autocast", self.autocast in ("none", "bf16")),
         ]
         for name, ok in checks:
             if not ok:
@@ -96,32 +101,32 @@ def _smoke() -> Profile:
 
 def _cpu() -> Profile:
     # Every task must fit ~45 minutes on 2 CPU cores while the model still learns it. On this
-    # machine SmolLM2-135M runs ~250 tokens/s forward and ~125 tokens/s forward+backward, so
-    # the budget is set by tokens: 96-token sequences (the prompt and the first ~50 response
+    # machine SmolLM2-135M fine-tunes at roughly one 96-token example per second, so the
+    # budget is set by tokens: 96-token sequences (the prompt and the first ~50 response
     # tokens, which already separate harmful/benign, refusal/compliance and the trigger
-    # classes; grammar and math examples fit whole in 96/112), 60-100 training examples,
-    # 3-5 epochs, and validation on at most 8 test examples per group. README, "The cpu
-    # profile", gives the measured times.
+    # classes; grammar and math examples fit whole in 96/112), 60 training examples (all 40
+    # for mixed-small), 20-24 test examples (all 40 for mixed-small), 3-4 epochs under
+    # bfloat16 autocast, validation on at most 12 test examples. README, "The cpu profile",
+    # gives the measured times.
     return Profile(
         name="cpu", model="smollm2-135m",
         description="embedded SmolLM2-135M on stratified subsets, every task in about 45 minutes on 2 CPU cores",
         lora=LoraSpec(),
-        train=TrainArgs(epochs=4, batch_size=8, lr=5e-4, max_length=96, val_per_group=8),
+        train=TrainArgs(epochs=3, batch_size=8, lr=5e-4, max_length=96, val_per_group=6, autocast="bf16"),
         tasks={
-            "mixed-small": TaskProfile(train=dict(epochs=5, val_per_group=16)),
-            "mixed-large": TaskProfile(train_per_group={"harmful": 20, "benign": 40}, test_per_group=40,
-                                       train=dict(val_per_group=16)),
-            "grammars": TaskProfile(train_per_group=10, test_per_group=3, train=dict(epochs=3, val_per_group=2)),
-            "math": TaskProfile(train_per_group=10, test_per_group=3,
-                                train=dict(epochs=3, max_length=112, val_per_group=2)),
-            "harmfulcheck": TaskProfile(train_per_group=30, test_per_group=20),
+            "mixed-small": TaskProfile(train=dict(epochs=4, val_per_group=12)),
+            "mixed-large": TaskProfile(train_per_group={"harmful": 20, "benign": 40}, test_per_group=20,
+                                       train=dict(val_per_group=12)),
+            "grammars": TaskProfile(train_per_group=6, test_per_group=2, train=dict(val_per_group=1)),
+            "math": TaskProfile(train_per_group=6, test_per_group=2, train=dict(max_length=112, val_per_group=1)),
+            "harmfulcheck": TaskProfile(train_per_group=30, test_per_group=10),
             "backdoor-1": TaskProfile(train_per_group=30, test_per_group=10),
-            "backdoor-3": TaskProfile(train_per_group=15, test_per_group=5, train=dict(val_per_group=4)),
-            "backdoor-5": TaskProfile(train_per_group=10, test_per_group=5, train=dict(val_per_group=3)),
-            "mixed-l": TaskProfile(train_per_group={"harmful": 20, "benign": 40}, test_per_group=40,
-                                   train=dict(val_per_group=16)),
-            "emotion": TaskProfile(train_per_group=20, test_per_group=6, train=dict(max_length=64)),
-            "grammars-rule": TaskProfile(train_per_group=10, test_per_group=3, train=dict(val_per_group=2)),
+            "backdoor-3": TaskProfile(train_per_group=15, test_per_group=5, train=dict(val_per_group=3)),
+            "backdoor-5": TaskProfile(train_per_group=10, test_per_group=4, train=dict(val_per_group=2)),
+            "mixed-l": TaskProfile(train_per_group={"harmful": 20, "benign": 40}, test_per_group=20,
+                                   train=dict(val_per_group=12)),
+            "emotion": TaskProfile(train_per_group=12, test_per_group=4, train=dict(max_length=64)),
+            "grammars-rule": TaskProfile(train_per_group=6, test_per_group=2, train=dict(val_per_group=1)),
         },
     )
 

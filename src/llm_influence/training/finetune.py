@@ -196,7 +196,8 @@ def finetune(
                 batch = collate([train_enc[i] for i in order[b * args.batch_size:(b + 1) * args.batch_size]], pad_id)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, args)
-                logits = model(**model_inputs(batch)).logits
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+                    logits = model(**model_inputs(batch)).logits
                 losses = per_example_loss(logits, batch["labels"])
                 loss = losses.mean()
                 if not torch.isfinite(loss):
