@@ -53,3 +53,14 @@ def test_report_and_figures_exist(smoke):
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"figures/{png.name}" in report
+
+
+def test_studies_are_included(smoke):
+    results = json.loads((smoke / "results.json").read_text())
+    report = (smoke / "report.md").read_text()
+    for name in ("approximation", "model-size"):
+        assert name in results["studies"]
+        study = json.loads((smoke / f"{name}.json").read_text())
+        assert study["study"] == name and study["profile"] == "smoke"
+        for png in results["studies"][name]["figures"]:
+            assert (smoke / png).read_bytes()[:4] == b"\x89PNG" and png in report

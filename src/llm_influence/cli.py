@@ -216,8 +216,9 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()] if ns.methods else None
     args = AttributeArgs(damping=ns.damping, damping_ratio=ns.damping_ratio, lissa_iters=ns.lissa_iters,
                          lissa_scale=ns.lissa_scale, batch_size=ns.batch_size)
+    studies = [x.strip() for x in ns.studies.split(",") if x.strip()] if ns.studies is not None else None
     results = reproduce(ns.profile, ns.out, tasks=tasks, methods=methods, data_dir=ns.data_dir, model=ns.model,
-                        rank_by=ns.rank_by, attribute_args=args)
+                        rank_by=ns.rank_by, attribute_args=args, studies=studies)
     for task, entry in results["tasks"].items():
         cells = "  ".join(f"{m} {100 * v['acc']:.1f}/{100 * v['cover']:.1f}" for m, v in entry["methods"].items())
         print(f"{task:<13} {cells}")
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lissa-iters", type=int, default=10)
     p.add_argument("--lissa-scale", type=_lissa_scale, default="auto")
     p.add_argument("--batch-size", type=int, default=8, help="feature extraction batch size")
+    p.add_argument("--studies", help="comma-separated studies to run after the tasks (default: all; '' for none)")
     p.set_defaults(func=cmd_reproduce)
 
     from .studies import study_descriptions

@@ -100,33 +100,33 @@ def _smoke() -> Profile:
 
 
 def _cpu() -> Profile:
-    # Every task must fit ~45 minutes on 2 CPU cores while the model still learns it. On this
-    # machine SmolLM2-135M fine-tunes at roughly one 96-token example per second, so the
-    # budget is set by tokens: 96-token sequences (the prompt and the first ~50 response
-    # tokens, which already separate harmful/benign, refusal/compliance and the trigger
-    # classes; grammar and math examples fit whole in 96/112), 60 training examples (all 40
-    # for mixed-small), 20-24 test examples (all 40 for mixed-small), 3-4 epochs under
-    # bfloat16 autocast, validation on at most 12 test examples. README, "The cpu profile",
-    # gives the measured times.
+    # Every task must fit ~45 minutes on 2 CPU cores while the model still learns it.
+    # Measured on this machine (README, "The cpu profile"): with bfloat16 autocast a
+    # training epoch costs ~0.45 s per 96-token example, gradient extraction ~0.55 s per
+    # example and a validation forward ~0.15 s. So: 96-token sequences (the prompt and the
+    # first ~50 response tokens, which already separate harmful/benign, refusal/compliance
+    # and the trigger classes; grammar and math examples fit whole in 96/112 tokens), ~100
+    # training examples (all 40 for mixed-small), 30-40 test examples, 4-5 epochs at
+    # lr 1e-3, validation on at most 16 test examples.
     return Profile(
         name="cpu", model="smollm2-135m",
         description="embedded SmolLM2-135M on stratified subsets, every task in about 45 minutes on 2 CPU cores",
         lora=LoraSpec(),
-        train=TrainArgs(epochs=3, batch_size=8, lr=5e-4, max_length=96, val_per_group=6, autocast="bf16"),
+        train=TrainArgs(epochs=4, batch_size=8, lr=1e-3, max_length=96, val_per_group=8, autocast="bf16"),
         tasks={
-            "mixed-small": TaskProfile(train=dict(epochs=4, val_per_group=12)),
-            "mixed-large": TaskProfile(train_per_group={"harmful": 20, "benign": 40}, test_per_group=20,
-                                       train=dict(val_per_group=12)),
-            "grammars": TaskProfile(train_per_group=6, test_per_group=2, train=dict(val_per_group=1)),
-            "math": TaskProfile(train_per_group=6, test_per_group=2, train=dict(max_length=112, val_per_group=1)),
-            "harmfulcheck": TaskProfile(train_per_group=30, test_per_group=10),
-            "backdoor-1": TaskProfile(train_per_group=30, test_per_group=10),
-            "backdoor-3": TaskProfile(train_per_group=15, test_per_group=5, train=dict(val_per_group=3)),
-            "backdoor-5": TaskProfile(train_per_group=10, test_per_group=4, train=dict(val_per_group=2)),
-            "mixed-l": TaskProfile(train_per_group={"harmful": 20, "benign": 40}, test_per_group=20,
-                                   train=dict(val_per_group=12)),
-            "emotion": TaskProfile(train_per_group=12, test_per_group=4, train=dict(max_length=64)),
-            "grammars-rule": TaskProfile(train_per_group=6, test_per_group=2, train=dict(val_per_group=1)),
+            "mixed-small": TaskProfile(train=dict(epochs=5, val_per_group=16)),
+            "mixed-large": TaskProfile(train_per_group={"harmful": 20, "benign": 80}, test_per_group=40,
+                                       train=dict(val_per_group=16)),
+            "grammars": TaskProfile(train_per_group=10, test_per_group=3, train=dict(val_per_group=1)),
+            "math": TaskProfile(train_per_group=10, test_per_group=3, train=dict(max_length=112, val_per_group=1)),
+            "harmfulcheck": TaskProfile(train_per_group=50, test_per_group=15),
+            "backdoor-1": TaskProfile(train_per_group=50, test_per_group=15),
+            "backdoor-3": TaskProfile(train_per_group=25, test_per_group=8, train=dict(val_per_group=4)),
+            "backdoor-5": TaskProfile(train_per_group=16, test_per_group=5, train=dict(val_per_group=3)),
+            "mixed-l": TaskProfile(train_per_group={"harmful": 20, "benign": 80}, test_per_group=40,
+                                   train=dict(val_per_group=16)),
+            "emotion": TaskProfile(train_per_group=20, test_per_group=6, train=dict(max_length=64)),
+            "grammars-rule": TaskProfile(train_per_group=10, test_per_group=3, train=dict(val_per_group=1)),
         },
     )
 

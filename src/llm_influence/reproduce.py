@@ -123,12 +123,34 @@ def _figures(out_dir: Path, results: dict[str, Any], methods: Sequence[str]) -> 
     return figures, {f"Fig. 1 (text): {SHOWCASE_TASK}, test example {task.test[test_index].id}": markdown}
 
 
+def run_studies(names: Sequence[str], profile_name: str, out: Path, data_dir: Optional[str]) -> dict[str, Any]:
+    """Run the named studies into ``out`` (``NAME.json``, ``NAME.md``, PNGs beside report.md)."""
+    from .studies import run_study
+
+    done: dict[str, Any] = {}
+    for name in names:
+        log(f"study {name}")
+        t0 = time.time()
+        result = run_study(name, profile_name, out, data_dir=data_dir)
+        done[name] = {"json": result.json_path.name, "markdown": result.markdown,
+                      "figures": [Path(f).name for f in result.figures], "seconds": time.time() - t0}
+    return done
+
+
 def reproduce(profile_name: str, out_dir: str | Path, *, tasks: Optional[Sequence[str]] = None,
               methods: Optional[Sequence[str]] = None, data_dir: Optional[str] = None,
               model: Optional[str] = None, rank_by: str = "score",
-              attribute_args: Optional[AttributeArgs] = None) -> dict[str, Any]:
-    """Run the benchmark; write ``results.json``, ``report.md`` and the figures into ``out_dir``."""
+              attribute_args: Optional[AttributeArgs] = None,
+              studies: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the benchmark; write ``results.json``, ``report.md`` and the figures into ``out_dir``.
+
+    ``studies`` (default: every registered study) run after the tasks under the same
+    profile; their Markdown sections are appended to the report.
+    """
     from .report.markdown import render_report
+    from .studies import available_studies
+
+    study_names = list(available_studies() if studies is None else studies)
 
     profile = get_profile(profile_name)
     out = Path(out_dir)
@@ -152,7 +174,13 @@ def reproduce(profile_name: str, out_dir: str | Path, *, tasks: Optional[Sequenc
         write_json(out / "results.json", results)
     figures, showcases = _figures(out, results, methods)
     results["figures"] = figures
+    studies_done = run_studies(study_names, profile.name, out, data_dir)
+    results["studies"] = {k: {kk: vv for kk, vv in v.items() if kk != "markdown"} for k, v in studies_done.items()}
     results["wall_seconds"] = time.time() - t0
     write_json(out / "results.json", results)
-    write_text(out / "report.md", render_report(results, figures, showcases=showcases))
+    report = render_report(results, figures, showcases=showcases)
+    if studies_done:
+        report += "\n\n# Why influence functions fail: the studies\n\n" + "\n\n".join(
+            v["markdown"].strip() for v in studies_done.values()) + "\n"
+    write_text(out / "report.md", report)
     return results

@@ -54,10 +54,10 @@ from functools import partial
 from typing import Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..models.formatting import IGNORE_INDEX, Encoded, collate, model_inputs
 from ..models.lora import block_name
+from ..models.loss import per_example_loss
 from ..progress import progress
 from .representations import check_pooling, length_order, model_device, pool_hidden, select_layer
 from .types import KFACFactors
@@ -68,21 +68,10 @@ from .types import KFACFactors
 
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``logits`` [B, T, V], ``labels`` [B, T] -> ``[B]`` mean token cross-entropy (nats).
-
-    The same formula as :func:`llm_influence.models.loss.per_example_loss` (token t predicts
-    label t+1; an example without supervised tokens gets 0), but the logits are only
-    *up*-cast (half precision -> float32) and never down-cast, so a float64 model gives a
-    float64 loss and gradients exact to float64 rounding.
-    """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    shift_logits = logits[:, :-1, :].to(dtype)
-    shift_labels = labels[:, 1:].to(logits.device)
-    token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
-    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
-    return token_loss.sum(dim=1) / counts.clamp(min=1)
+    """``logits`` [B, T, V], ``labels`` [B, T] -> ``[B]`` mean token cross-entropy (nats):
+    the training loss :func:`llm_influence.models.loss.per_example_loss` (which up-casts
+    half precision but keeps float64), with the labels moved to the logits' device."""
+    return per_example_loss(logits, labels.to(logits.device))
 
 
 def gradient_token_mask(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
     Token t predicts label t+1. An example with no supervised token gets loss 0.
     """
-    shift_logits = logits[:, :-1, :].float()
+    # Up-cast half precision to float32 but keep float64 as float64.
+    shift_logits = logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32))
     shift_labels = labels[:, 1:]
     token_loss = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
