@@ -9,11 +9,16 @@ registered by name (:func:`register_study`) and run with :func:`run_study`, whic
 |---|---|---|
 | ``approximation`` | Table 5, Fig. 3 | :mod:`.approximation` (linear MNIST, no LLM) |
 | ``model-size`` | Fig. 7 | :mod:`.model_size` (two-layer linear MNIST, no LLM) |
+| ``lissa-iterations`` | Fig. 4 | :mod:`.lissa_iterations` (LiSSA Acc/Cover vs iterations; shared LLM-study helpers) |
+| ``convergence`` | Fig. 5 | :mod:`.convergence` (Acc at every epoch next to train/validation loss) |
+| ``parameter-change`` | Table 1, Table 6, Fig. 6 | :mod:`.parameter_change` (ASR and LoRA ‖Δθ‖ of benign/harmful/mixed fine-tunes) |
+| ``trainable-params`` | Fig. 8 | :mod:`.trainable_params` (Acc with LoRA on fewer layers / other depths) |
 
 LLM studies register themselves the same way in their own modules, imported here.
 """
 
-from . import approximation, model_size  # noqa: F401  (registration)
+from . import (approximation, convergence, lissa_iterations, model_size, parameter_change,  # noqa: F401
+               trainable_params)  # (registration)
 from .base import (PROFILES, StudyResult, StudySpec, available_studies, get_study, jsonable, markdown_table,
                    new_figure, register_study, resolve_options, run_study, save_figure, study_descriptions,
                    unregister_study)
