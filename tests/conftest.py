@@ -16,6 +16,21 @@ def data_dir_or_skip() -> Path:
     return Path(DATA_DIR)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Run the tests on one intra-op thread (restored afterwards).
+
+    The tests use tiny models and tensors: many small ops, for which one thread is fastest,
+    and two OpenMP threads on a shared machine can stall on a descheduled thread.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return data_dir_or_skip()

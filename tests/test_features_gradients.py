@@ -11,7 +11,6 @@ from llm_influence.features.gradients import (compute_features, gradient_token_m
 from llm_influence.models import LoraSpec, collate, lora_parameters, model_inputs, per_example_loss
 
 from test_features_support import assert_close_dicts, encode, lora_model, loop_gradients, make_examples
-from test_features_support import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 
 CASES = {
     "q-v-all-layers": (LoraSpec(dropout=0.0), "response"),

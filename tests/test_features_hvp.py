@@ -11,7 +11,6 @@ from llm_influence.features.hvp import differentiable_attention, make_hvp
 from llm_influence.models import LoraSpec, collate, lora_parameters, model_inputs
 
 from test_features_support import encode, lora_model, make_examples, reference_loss
-from test_features_support import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 
 
 def _explicit_hessian(model, enc, pad_id) -> tuple[torch.Tensor, list[str], list[torch.Size]]:

@@ -10,7 +10,6 @@ from llm_influence.features.representations import pool_hidden, representations
 from llm_influence.models import LoraSpec, collate, model_inputs
 
 from test_features_support import encode, lora_model, make_examples
-from test_features_support import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 
 
 @pytest.fixture(scope="module")

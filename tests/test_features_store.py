@@ -20,7 +20,6 @@ from llm_influence.rundir import RunDir
 from llm_influence.training.load import load_finetuned
 
 from test_features_support import lora_model, make_examples
-from test_features_support import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 
 SPEC = LoraSpec(r=2, alpha=8, dropout=0.0, layers=(1,))
 

@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from llm_influence.data.example import Example
 from llm_influence.models import ChatFormatter, LoraSpec, attach_lora, collate, lora_parameters, model_inputs
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run each feature-test module on one intra-op thread (restored afterwards).
-
-    These tests run many small ops; with two OpenMP threads on a machine shared with other
-    work, each parallel op can stall on a descheduled thread and the suite gets several
-    times slower. Import this fixture into a test module to apply it there.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "

@@ -11,13 +11,6 @@ from llm_influence.methods import make_method
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest and immune to CPU contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def problem(n: int = 40, f: int = 5, c: int = 3, seed: int = 0):

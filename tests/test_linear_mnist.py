@@ -22,13 +22,6 @@ from llm_influence.linear import BLOCK, SoftmaxRegression, with_bias
 from llm_influence.methods import make_method
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest and immune to CPU contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _data_dir() -> Path:

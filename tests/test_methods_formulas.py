@@ -20,13 +20,6 @@ from llm_influence.methods import block_damping, global_damping, make_method
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest and immune to CPU contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def random_features(n: int, shapes: dict[str, tuple[int, int]], seed: int, reps: int | None = None,

@@ -17,13 +17,6 @@ GLOBAL_FIT = ["datainf", "lissa", "exact", "exact-full", "ekfac"]
 SHAPES = {"m.layers.0.q_proj.lora_A": (2, 6), "m.layers.0.q_proj.lora_B": (6, 2), "m.layers.1.v_proj.lora_A": (2, 5)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest and immune to CPU contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def features(n: int, seed: int, history: int = 0, prefix: str = "x") -> Features:

@@ -30,13 +30,6 @@ F64 = torch.float64
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to CPU contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def problem(n: int = 40, f: int = 6, c: int = 3, m: int = 8, seed: int = 0):

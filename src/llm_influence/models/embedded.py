@@ -51,20 +51,29 @@ def embedded_dir() -> Path:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = "float32"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
+
+    _publish_dir(target, write)
+    return target
+
+
+def _publish_dir(target: Path, write) -> None:
+    """Fill a temporary sibling folder with ``write(tmp)``, then rename it to ``target``
+    (left alone if another process published it first), so a half-written cache is never
+    seen."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if not target.exists():
             tmp.rename(target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def tokenizer_dir() -> Path:
@@ -80,17 +89,7 @@ def tokenizer_dir() -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _publish_dir(target, tokenizer.save_pretrained)
     return target
 
 
