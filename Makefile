@@ -1,4 +1,4 @@
-# Quick start:  make demo   (set up, then fine-tune + attribute + evaluate on the embedded model)
+# Quick start:  make demo   (set up, then the benchmark: reproduce --profile cpu on the embedded model)
 #               make test   (set up, then run the test suite)
 # The data directory defaults to ../shared/data; override with DATA=/path/to/data.
 PYTHON ?= python3
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/llm-influence finetune --task mixed-small --profile cpu --out runs/demo-mixed-small
+	$(BIN)/llm-influence reproduce --profile cpu --out runs/cpu
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -22,7 +22,6 @@ Conventions:
 
 from __future__ import annotations
 
-import os
 import textwrap
 import warnings
 from pathlib import Path
@@ -63,7 +62,6 @@ def _save_png(fig: Figure, path: str | Path, dpi: int) -> Path:
         warnings.filterwarnings("ignore", message=r".*[Gg]lyph.*missing.*")
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi)
-            os.chmod(tmp, 0o644)  # the temporary file is created 0600; an image is meant to be read
     return path
 
 

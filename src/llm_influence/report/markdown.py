@@ -42,7 +42,6 @@ Conventions of the rendered tables:
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -506,11 +505,10 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str], *,
 
 def write_report(path: str | Path, results: Mapping[str, Any], figures: Mapping[str, str], *,
                  showcases: Optional[Mapping[str, str]] = None) -> Path:
-    """Render :func:`render_report` and write it atomically (mode 0644) to ``path``;
+    """Render :func:`render_report` and write it atomically to ``path``;
     returns the path."""
     path = Path(path)
     text = render_report(results, figures, showcases=showcases)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)  # the temporary file is created 0600; a report is meant to be read
     return path
