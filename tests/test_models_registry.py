@@ -28,7 +28,11 @@ def test_missing_wheel_gives_install_command(monkeypatch):
 
 
 def test_unknown_model_offline_message(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # The environment variable is read at import time; patch the constant it sets.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="cannot load model 'no-such-org/no-such-model'"):
         load_model("no-such-org/no-such-model")
     (tmp_path / "file.bin").write_bytes(b"x")
