@@ -20,9 +20,11 @@ DIAGNOSTIC_SUMMARY_KEYS = ("residual_max", "residual_mean", "residual_reference"
                            "scale", "damping_source")
 
 
-def _summary(diagnostics: dict[str, Any]) -> dict[str, Any]:
-    """The scalar part of a method's diagnostics (per-block details stay in the scores file)."""
-    out = {k: diagnostics[k] for k in DIAGNOSTIC_SUMMARY_KEYS if k in diagnostics}
+def diagnostics_summary(diagnostics: dict[str, Any]) -> dict[str, Any]:
+    """The scalar solver facts of a method's diagnostics (residuals, iterations, damping
+    range); per-block details stay in the scores file."""
+    out = {k: diagnostics[k] for k in DIAGNOSTIC_SUMMARY_KEYS
+           if k in diagnostics and not isinstance(diagnostics[k], (dict, list))}
     damping = diagnostics.get("damping")
     if isinstance(damping, dict) and damping:
         values = [float(v) for v in damping.values()]
@@ -57,7 +59,7 @@ def evaluate_run(run_path: str | Path, rank_by: str = "score") -> dict[str, Any]
             m = evaluate_scores(scores, relevant, rank_by=rank_by)
             per_method[meta.get("method", path.stem)] = {
                 **m.to_dict(), "seconds": meta.get("seconds"), "feature_seconds": meta.get("feature_seconds"),
-                "arguments": meta.get("arguments", {}), "diagnostics": _summary(meta.get("diagnostics", {})),
+                "arguments": meta.get("arguments", {}), "diagnostics": diagnostics_summary(meta.get("diagnostics", {})),
             }
         if per_method:
             checkpoints[folder.name] = per_method

@@ -46,7 +46,7 @@ from ..data import load_task
 from ..data.example import TaskData
 from ..errors import UserError
 from ..evaluation.metrics import evaluate_scores, relevance_from_task
-from ..evaluation.run_metrics import DIAGNOSTIC_SUMMARY_KEYS
+from ..evaluation.run_metrics import diagnostics_summary
 from ..features.extract import extract_features
 from ..methods import make_method
 from ..models.lora import LoraSpec
@@ -221,19 +221,6 @@ def score_checkpoint(run: RunDir, checkpoint: str, specs: Sequence[tuple[str, st
         out[label] = {"acc": float(m.acc), "cover": float(m.cover), "n_scored": int(m.n_scored),
                       "n_skipped": int(m.n_skipped), "seconds": seconds,
                       "diagnostics": diagnostics_summary(method.diagnostics)}
-    return out
-
-
-def diagnostics_summary(diagnostics: dict[str, Any]) -> dict[str, Any]:
-    """The scalar solver facts of a method's diagnostics (residuals, iterations, damping range)."""
-    out = {k: diagnostics[k] for k in DIAGNOSTIC_SUMMARY_KEYS
-           if k in diagnostics and not isinstance(diagnostics[k], (dict, list))}
-    damping = diagnostics.get("damping")
-    if isinstance(damping, dict) and damping:
-        values = [float(v) for v in damping.values()]
-        out["damping_min"], out["damping_max"] = min(values), max(values)
-    elif isinstance(damping, (int, float)):
-        out["damping"] = float(damping)
     return out
 
 
