@@ -90,12 +90,12 @@ def _lr_per_epoch(run: RunDir) -> dict[int, float]:
     return {e: sum(v) / len(v) for e, v in sums.items()}
 
 
-def _scores_key(run: RunDir, checkpoint: str, name: str, kwargs: dict, args: AttributeArgs) -> str:
-    task = run.load_task()
+def _scores_key(run: RunDir, checkpoint: str, name: str, kwargs: dict, args: AttributeArgs,
+                examples: dict[str, str]) -> str:
+    """Hash of everything a scores file depends on; ``examples`` holds the train/test digests."""
     parts = {
         "format": SCORES_FORMAT, "method": name, "kwargs": kwargs,
-        "adapter": feature_store.adapter_digest(run.checkpoints_root / checkpoint),
-        "train": feature_store.examples_digest(task.train), "test": feature_store.examples_digest(task.test),
+        "adapter": feature_store.adapter_digest(run.checkpoints_root / checkpoint), **examples,
         "features": {"dtype": args.dtype, "rep_layer": args.rep_layer, "rep_pooling": args.rep_pooling},
     }
     if name == "tracin":
@@ -147,13 +147,14 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
     checkpoints = run.resolve_checkpoints(args.checkpoint)
     run.update_config("attribute", asdict(args))
     dtype = DTYPES[args.dtype]
+    digests = {"train": feature_store.examples_digest(task.train), "test": feature_store.examples_digest(task.test)}
     results: list[MethodResult] = []
     for checkpoint in checkpoints:
         out_dir = run.scores_dir(checkpoint)
         todo: list[tuple[str, dict, str, Path]] = []
         for name in names:
             kwargs = method_kwargs(name, args)
-            key = _scores_key(run, checkpoint, name, kwargs, args)
+            key = _scores_key(run, checkpoint, name, kwargs, args, digests)
             path = out_dir / f"{name}.safetensors"
             meta = None if args.force else _reusable(path, key)
             if meta is not None:
