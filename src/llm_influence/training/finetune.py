@@ -10,8 +10,6 @@ checkpoint ends with the same adapter as an uninterrupted one.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from ..config import TrainArgs
 from ..data.example import Example, TaskData
 from ..data.tasks import subsample
 from ..errors import UserError
-from ..io_utils import append_jsonl
+from ..io_utils import append_jsonl, publish_dir
 from ..models.formatting import ChatFormatter, Encoded, collate, model_inputs
 from ..models.lora import LoraSpec, attach_lora, lora_parameters
 from ..models.loss import per_example_loss
@@ -83,18 +81,12 @@ def _rising(history: list[float], patience: int) -> bool:
 
 def _save_checkpoint(run: RunDir, epoch: int, model, optimizer, info: dict) -> None:
     """Adapter + trainer state, written to a temporary folder and renamed into place."""
-    final = run.checkpoint(epoch)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".epoch-{epoch}.", dir=final.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
         save_trainer_state(tmp, optimizer, info)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_dir(run.checkpoint(epoch), write)
 
 
 def _load_adapter_weights(model, folder: Path) -> None:
