@@ -64,3 +64,16 @@ def test_studies_are_included(smoke):
         assert study["study"] == name and study["profile"] == "smoke"
         for png in results["studies"][name]["figures"]:
             assert (smoke / png).read_bytes()[:4] == b"\x89PNG" and png in report
+
+
+def test_the_html_explorer_holds_every_task_and_the_run_metrics(smoke):
+    from llm_influence.report.html import extract_payload
+
+    payload = extract_payload((smoke / "report.html").read_text(encoding="utf-8"))
+    results = json.loads((smoke / "results.json").read_text())
+    assert [t["name"] for t in payload["tasks"]] == list(results["tasks"])
+    for task in payload["tasks"]:
+        (checkpoint,) = [c for c in task["checkpoints"] if c["name"] == results["tasks"][task["name"]]["checkpoint"]]
+        for method in checkpoint["methods"]:
+            expected = results["tasks"][task["name"]]["methods"][method["name"]]
+            assert method["acc"] == pytest.approx(expected["acc"]) and method["cover"] == pytest.approx(expected["cover"])

@@ -142,7 +142,8 @@ def reproduce(profile_name: str, out_dir: str | Path, *, tasks: Optional[Sequenc
               model: Optional[str] = None, rank_by: str = "score",
               attribute_args: Optional[AttributeArgs] = None,
               studies: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Run the benchmark; write ``results.json``, ``report.md`` and the figures into ``out_dir``.
+    """Run the benchmark; write ``results.json``, ``report.md``, ``report.html`` (the explorer)
+    and the figures into ``out_dir``.
 
     ``studies`` (default: every registered study) run after the tasks under the same
     profile; their Markdown sections are appended to the report.
@@ -183,4 +184,7 @@ def reproduce(profile_name: str, out_dir: str | Path, *, tasks: Optional[Sequenc
         report += "\n\n# Why influence functions fail: the studies\n\n" + "\n\n".join(
             v["markdown"].strip() for v in studies_done.values()) + "\n"
     write_text(out / "report.md", report)
+    from .report.html import write_html_report
+
+    write_html_report(out)
     return results

@@ -42,8 +42,10 @@ def write_examples(path: Path, examples: Iterable[Example]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             for ex in examples:
-                fh.write(json.dumps({"id": ex.id, "prompt": ex.prompt, "response": ex.response,
-                                     "group": ex.group}, ensure_ascii=False) + "\n")
+                row = {"id": ex.id, "prompt": ex.prompt, "response": ex.response, "group": ex.group}
+                if not ex.group:  # ungrouped data (explain's queries, a user's training set)
+                    del row["group"]
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 class RunDir:
@@ -100,11 +102,14 @@ class RunDir:
         write_examples(self.path / "data" / "test.jsonl", task.test)
 
     def load_task(self) -> TaskData:
-        """The task exactly as fine-tuned (relevance = same group)."""
+        """The task exactly as fine-tuned (relevance = same group). Groups are required
+        unless the config's task section says ``"groups": false`` (explain's query runs)."""
         cfg = self.config()
-        train = read_examples(self.path / "data" / "train.jsonl")
+        grouped = bool(cfg.get("task", {}).get("groups", True))
+        train = read_examples(self.path / "data" / "train.jsonl", required_groups=grouped)
         test_path = self.path / "data" / "test.jsonl"
-        test = read_examples(test_path) if test_path.is_file() and test_path.stat().st_size else []
+        test = (read_examples(test_path, required_groups=grouped)
+                if test_path.is_file() and test_path.stat().st_size else [])
         return TaskData(name=cfg.get("task", {}).get("name", "?"), train=train, test=test)
 
     # -- checkpoints --------------------------------------------------------------------

@@ -68,7 +68,9 @@ _REGISTRY: dict[str, type[Method]] = {}
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by its ``name``."""
     name = cls.name
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
+    previous = _REGISTRY.get(name)
+    reloaded = previous is not None and (previous.__module__, previous.__qualname__) == (cls.__module__, cls.__qualname__)
+    if previous is not None and previous is not cls and not reloaded:
         raise ValueError(f"a method named {name!r} is already registered")
     _REGISTRY[name] = cls
     return cls

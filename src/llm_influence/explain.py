@@ -1,0 +1,369 @@
+"""``explain``: which training examples most influenced a model's response to a prompt.
+
+Given a model (a base model plus a peft adapter, or a full model), its training set (JSONL:
+``prompt``, ``response``, optional ``id`` and ``group``) and one or more queries (a prompt and,
+optionally, the response to explain; without one the model's greedy response is generated
+and explained), every chosen method scores every training example for every query and the
+top ``k`` are returned, most influential first (the scores convention of
+:data:`llm_influence.methods.SCORE_CONVENTION`).
+
+Under the hood a *query run* is built in the cache (``$LLM_INFLUENCE_CACHE/explain/KEY``):
+a run directory whose ``data/train.jsonl`` is the training set, whose ``data/test.jsonl``
+holds the queries and whose ``checkpoints/epoch-1`` is a copy of the adapter. The ordinary
+``attribute`` stage then runs on it, so the training set's features are computed once per
+(model, adapter, training set, ``max_length``, ``loss_on``) and every later query costs
+only the queries' own forward/backward passes plus the methods' scoring.
+
+Without ``--adapter`` a fresh LoRA adapter (``B = 0``, ``A`` seeded) is attached to the full
+model: the model's outputs do not change, the ``lora_A`` gradients are zero (those blocks
+drop out), and the ``lora_B`` gradients are the full weight gradients of the target modules
+projected onto ``A``'s rows, a seeded random projection (LoGra-style).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from .attribute import AttributeArgs, attribute, read_scores
+from .config import TrainArgs
+from .data.example import Example
+from .data.jsonl import iter_json_objects, read_examples
+from .errors import UserError, input_error
+from .evaluation.metrics import rank_training
+from .features import store as feature_store
+from .io_utils import atomic_path, publish_dir
+from .methods import get_method_class
+from .models.lora import LoraSpec
+from .progress import log
+from .rundir import RunDir, write_examples
+
+DEFAULT_EXPLAIN_METHODS = ("repsim", "datainf")
+QUERY_RUN_FORMAT = 1
+CHECKPOINT = "epoch-1"
+_QUERY_PREFIX = "query-"
+
+
+@dataclass(frozen=True)
+class Query:
+    """One prompt to explain; ``response=None`` means "generate it greedily"."""
+
+    id: str
+    prompt: str
+    response: Optional[str] = None
+
+
+@dataclass
+class ExplainArgs:
+    """Arguments of :func:`explain`.
+
+    ``max_length`` and ``loss_on`` must match how the model was fine-tuned for the
+    gradients to be those of its training loss (``--run`` copies them from a run).
+    ``lora`` and ``seed`` are used only without an adapter (a fresh LoRA, see the module
+    docstring). ``cache_dir`` defaults to ``$LLM_INFLUENCE_CACHE/explain``.
+    """
+
+    model: str
+    train: Path
+    adapter: Optional[Path] = None
+    methods: tuple[str, ...] = DEFAULT_EXPLAIN_METHODS
+    top: int = 10
+    max_length: int = 256
+    loss_on: str = "response"
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    damping: Optional[float] = None
+    damping_ratio: float = 0.1
+    lissa_iters: int = 10
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    seed: int = 0
+    cache_dir: Optional[Path] = None
+
+
+@dataclass
+class Influencer:
+    """A training example in a query's top-k; ``score`` in the method's units (higher =
+    more helpful to the query's response)."""
+
+    rank: int
+    score: float
+    id: str
+    group: str
+    prompt: str
+    response: str
+
+
+@dataclass
+class Explanation:
+    query: Query
+    generated: bool
+    top: dict[str, list[Influencer]]
+
+
+@dataclass
+class ExplainResult:
+    explanations: list[Explanation]
+    query_run: Path
+    seconds: float
+    train_features_reused: bool
+
+
+def read_queries(path: str | Path) -> list[Query]:
+    """Queries from a JSONL file: ``prompt`` (required), optional ``response`` and ``id``."""
+    path = Path(path)
+    queries: list[Query] = []
+    seen: dict[str, int] = {}
+    for row, (number, obj) in enumerate(iter_json_objects(path)):
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise input_error(path, number, "prompt", "missing or empty" if not isinstance(prompt, str) or not prompt
+                              else "empty")
+        response = obj.get("response")
+        if response is not None and (not isinstance(response, str) or not response.strip()):
+            raise input_error(path, number, "response", "expected a non-empty string")
+        raw_id = obj.get("id", f"q{row}")
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
+            raise input_error(path, number, "id", "expected a non-empty string or integer")
+        qid = str(raw_id)
+        if qid in seen:
+            raise input_error(path, number, "id", f"duplicate id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = number
+        queries.append(Query(qid, prompt, response))
+    if not queries:
+        raise UserError(f"{path}: empty file (no queries)")
+    return queries
+
+
+def args_from_run(run_path: str | Path, checkpoint: str = "last", **overrides: Any) -> ExplainArgs:
+    """:class:`ExplainArgs` for a run directory's model, adapter, training set,
+    ``max_length`` and ``loss_on`` (``overrides`` set any other field)."""
+    run = RunDir(run_path)
+    cfg = run.config()
+    if "finetune" not in cfg:
+        raise UserError(f"{run.config_path}: no 'finetune' section; fine-tune the run first")
+    name = run.resolve_checkpoints(checkpoint)[0]
+    train = TrainArgs(**cfg["finetune"]["train"])
+    return ExplainArgs(model=cfg["finetune"]["model"], train=run.path / "data" / "train.jsonl",
+                       adapter=run.checkpoints_root / name, max_length=train.max_length,
+                       loss_on=train.loss_on, **overrides)
+
+
+def _validate(args: ExplainArgs, queries: Sequence[Query]) -> None:
+    if not args.methods:
+        raise UserError("--methods: give at least one method")
+    for name in args.methods:
+        get_method_class(name)
+    if "tracin" in args.methods:
+        raise UserError("--methods tracin: needs the fine-tuning history; use `attribute` on the run instead")
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    if args.max_length < 8:
+        raise UserError(f"--max-length must be at least 8, got {args.max_length}")
+    if args.loss_on not in ("response", "all"):
+        raise UserError(f"--loss-on must be 'response' or 'all', got {args.loss_on!r}")
+    if not queries:
+        raise UserError("give a --prompt or a --queries file")
+    ids = [q.id for q in queries]
+    if len(set(ids)) != len(ids):
+        raise UserError("query ids must be unique")
+    if args.adapter is not None:
+        adapter = Path(args.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"{adapter}: not a peft adapter folder (no adapter_config.json)")
+        if not (adapter / "adapter_model.safetensors").is_file():
+            raise UserError(f"{adapter}: no adapter_model.safetensors (pickle-format adapters are not loaded; "
+                            "re-save the adapter with safe_serialization=True)")
+
+
+def _cache_root(args: ExplainArgs) -> Path:
+    if args.cache_dir is not None:
+        return Path(args.cache_dir)
+    from .models.cache import cache_dir
+
+    return cache_dir() / "explain"
+
+
+def _query_run_key(args: ExplainArgs, train: Sequence[Example]) -> str:
+    source = ({"adapter": feature_store.adapter_digest(args.adapter)} if args.adapter is not None
+              else {"fresh_lora": args.lora.to_dict(), "seed": args.seed})
+    parts = {"format": QUERY_RUN_FORMAT, "model": args.model, **source,
+             "train": feature_store.examples_digest(train), "groups": [ex.group for ex in train],
+             "max_length": args.max_length, "loss_on": args.loss_on}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """One explain at a time per query run (its test split is rewritten per call)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _prepare_query_run(args: ExplainArgs, train: list[Example], folder: Path) -> RunDir:
+    """Create (once) the query run's config, training data and adapter checkpoint."""
+    run = RunDir(folder)
+    checkpoint = run.checkpoints_root / CHECKPOINT
+    if run.exists() and (checkpoint / "adapter_model.safetensors").is_file():
+        return run
+    if args.adapter is not None:
+        def write_adapter(tmp: Path) -> None:
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copyfile(Path(args.adapter) / name, tmp / name)
+    else:
+        def write_adapter(tmp: Path) -> None:
+            from .models.lora import attach_lora
+            from .models.registry import load_model
+
+            base, _, _ = load_model(args.model)
+            attach_lora(base, args.lora, seed=args.seed).save_pretrained(str(tmp), safe_serialization=True)
+    publish_dir(checkpoint, write_adapter)
+    write_examples(run.path / "data" / "train.jsonl", train)
+    train_args = replace(TrainArgs(), max_length=args.max_length, loss_on=args.loss_on)
+    run.update_config("task", {"name": f"explain:{args.train}", "groups": False,
+                               "train_ids": [ex.id for ex in train]})
+    run.update_config("finetune", {"model": args.model, "train": asdict(train_args),
+                                   "adapter_source": str(args.adapter) if args.adapter else "fresh LoRA",
+                                   "lora": args.lora.to_dict() if args.adapter is None else None})
+    return run
+
+
+def _generate_missing(run: RunDir, queries: list[Query], args: ExplainArgs) -> tuple[list[Query], list[bool]]:
+    missing = [q for q in queries if q.response is None]
+    if not missing:
+        return queries, [False] * len(queries)
+    from .models.generation import generate
+    from .training.load import load_finetuned
+
+    log(f"generating {len(missing)} response(s) greedily (max {args.max_new_tokens} new tokens)")
+    model, formatter, _ = load_finetuned(run, CHECKPOINT)
+    texts = iter(generate(model, formatter, [q.prompt for q in missing], max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size))
+    out, generated = [], []
+    for q in queries:
+        if q.response is None:
+            text = next(texts)
+            if not text.strip():  # the data reader's rule: a response is never empty or blank
+                raise UserError(f"query {q.id!r}: the model generated a blank response; give --response")
+            out.append(replace(q, response=text))
+            generated.append(True)
+        else:
+            out.append(q)
+            generated.append(False)
+    return out, generated
+
+
+def explain(queries: Sequence[Query], args: ExplainArgs) -> ExplainResult:
+    """Rank the training examples of ``args.train`` for every query, per method."""
+    t0 = time.time()
+    queries = list(queries)
+    _validate(args, queries)
+    train = read_examples(args.train, id_prefix="train-", required_groups=False)
+    folder = _cache_root(args) / _query_run_key(args, train)[:20]
+    with _locked(folder):
+        run = _prepare_query_run(args, train, folder)
+        queries, generated = _generate_missing(run, queries, args)
+        test = [Example(id=f"{_QUERY_PREFIX}{i}", prompt=q.prompt, response=q.response or "", group="")
+                for i, q in enumerate(queries)]
+        write_examples(run.path / "data" / "test.jsonl", test)
+        features_before = _train_feature_files(run)
+        attribute(run.path, AttributeArgs(methods=tuple(args.methods), checkpoint=CHECKPOINT,
+                                          damping=args.damping, damping_ratio=args.damping_ratio,
+                                          lissa_iters=args.lissa_iters, batch_size=args.batch_size))
+        reused = bool(features_before) and features_before == _train_feature_files(run)
+        tops: list[dict[str, list[Influencer]]] = [{} for _ in queries]
+        for method in args.methods:
+            scores, meta = read_scores(run.scores_dir(CHECKPOINT) / f"{method}.safetensors")
+            if meta.get("train_ids") != [ex.id for ex in train] or len(meta.get("test_ids", [])) != len(queries):
+                raise RuntimeError(f"{method}: scores do not match the query run's examples")
+            order = rank_training(scores)[:, : min(args.top, len(train))]
+            for i in range(len(queries)):
+                tops[i][method] = [Influencer(rank=r + 1, score=float(scores[i, j]), id=train[j].id,
+                                              group=train[j].group, prompt=train[j].prompt,
+                                              response=train[j].response)
+                                   for r, j in enumerate(order[i].tolist())]
+    explanations = [Explanation(q, g, t) for q, g, t in zip(queries, generated, tops)]
+    return ExplainResult(explanations, folder, time.time() - t0, reused)
+
+
+def _train_feature_files(run: RunDir) -> dict[str, float]:
+    """``{file: mtime}`` of the training-split feature files (to tell reuse from recompute)."""
+    folder = run.features_dir(CHECKPOINT)
+    if not folder.is_dir():
+        return {}
+    return {str(p): p.stat().st_mtime_ns for p in sorted(folder.rglob("train*")) if p.is_file()}
+
+
+# -- output ----------------------------------------------------------------------------------
+
+def to_json(result: ExplainResult) -> dict[str, Any]:
+    return {
+        "query_run": str(result.query_run),
+        "seconds": result.seconds,
+        "train_features_reused": result.train_features_reused,
+        "queries": [{"id": e.query.id, "prompt": e.query.prompt, "response": e.query.response,
+                     "generated": e.generated,
+                     "top": {m: [asdict(x) for x in rows] for m, rows in e.top.items()}}
+                    for e in result.explanations],
+    }
+
+
+CSV_COLUMNS = ("query_id", "query_prompt", "query_response", "generated", "method", "rank", "score",
+               "train_id", "group", "prompt", "response")
+
+
+def write_csv(path: str | Path, result: ExplainResult) -> Path:
+    """One row per (query, method, rank), columns :data:`CSV_COLUMNS`; written atomically."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--csv {path}: is a directory")
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(CSV_COLUMNS)
+            for e in result.explanations:
+                for method, rows in e.top.items():
+                    for x in rows:
+                        writer.writerow([e.query.id, e.query.prompt, e.query.response, int(e.generated), method,
+                                         x.rank, repr(x.score), x.id, x.group, x.prompt, x.response])
+    return path
+
+
+def excerpt(text: str, width: int = 60) -> str:
+    """One line of at most ``width`` characters (newlines shown as spaces)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def print_tables(result: ExplainResult, console=None) -> None:
+    """Rich tables: per query and method, rank, score, id, group and text excerpts."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    for e in result.explanations:
+        label = "generated" if e.generated else "given"
+        console.print(f"[bold]{escape(e.query.id)}[/bold]: {escape(excerpt(e.query.prompt, 100))}")
+        console.print(f"  response ({label}): {escape(excerpt(e.query.response or '', 100))}")
+        for method, rows in e.top.items():
+            table = Table(title=f"{method}: top {len(rows)}", title_justify="left")
+            for col in ("rank", "score", "id", "group", "prompt", "response"):
+                table.add_column(col, justify="right" if col in ("rank", "score") else "left",
+                                 overflow="fold" if col in ("prompt", "response") else "ellipsis")
+            for x in rows:
+                table.add_row(str(x.rank), f"{x.score:.4g}", escape(x.id), escape(x.group or "-"),
+                              escape(excerpt(x.prompt)), escape(excerpt(x.response)))
+            console.print(table)
