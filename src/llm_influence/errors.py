@@ -7,6 +7,7 @@ catch it. Anything else escaping the CLI is a bug in this package.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -24,3 +25,9 @@ def input_error(path: str | Path, line: int | None, field: str | None, problem: 
     if field is not None:
         return UserError(f"{where}: field '{field}': {problem}")
     return UserError(f"{where}: {problem}")
+
+
+def warn(message: str) -> None:
+    """One ``llm-influence: warning: ...`` line on stderr (shown even with ``--quiet``: it
+    reports a documented handling of the user's input, not progress)."""
+    print(f"llm-influence: warning: {message}", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@ renamed into place, so an interruption never leaves a half-written file behind."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,16 +21,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates the file owner-only (0600); give it the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
+        # mkstemp (and safetensors, which recreates the file) make it owner-only (0600);
+        # give it the usual umask-based mode before it appears under its name.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -61,6 +76,11 @@ def publish_dir(target: str | Path, write: Callable[[Path], Any], *, replace: bo
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         write(tmp)
+        umask = _umask()
+        for folder, _, files in os.walk(tmp):  # mkdtemp and safetensors make them owner-only
+            os.chmod(folder, 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
         if target.exists() and replace:
             shutil.rmtree(target)
         if not target.exists():

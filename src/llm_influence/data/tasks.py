@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
-from ..errors import UserError
+from ..errors import UserError, warn
 from .example import Example, TaskData
-from .jsonl import read_examples
+from .jsonl import read_examples, read_examples_with_lines
 
 DATA_ENV = "LLM_INFLUENCE_DATA"
 
@@ -109,7 +109,17 @@ def subsample(examples: Sequence[Example], per_group: int | Mapping[str, int] | 
     return [ex for i, ex in enumerate(examples) if i in keep]
 
 
-def _load_user_jsonl(spec: str) -> TaskData:
+@dataclass(frozen=True)
+class _UserFiles:
+    """Where a ``jsonl:`` task came from, for messages that name file and line."""
+
+    train: Path
+    test: Optional[Path]
+    train_lines: dict[str, int]
+    test_lines: dict[str, int]
+
+
+def _load_user_jsonl(spec: str) -> tuple[TaskData, _UserFiles]:
     """``jsonl:TRAIN[,TEST]`` or ``jsonl:DIR`` (with ``train.jsonl`` and optional ``test.jsonl``)."""
     body = spec[len("jsonl:"):]
     if not body:
@@ -124,9 +134,43 @@ def _load_user_jsonl(spec: str) -> TaskData:
                 test_path = None
         else:
             train_path, test_path = p, None
-    train = read_examples(train_path, id_prefix="train-")
-    test = read_examples(test_path, id_prefix="test-") if test_path is not None else []
-    return TaskData(name=spec, train=train, test=test, description=f"user data {train_path}")
+    train, train_lines = read_examples_with_lines(train_path, id_prefix="train-")
+    test, test_lines = read_examples_with_lines(test_path, id_prefix="test-") if test_path is not None else ([], [])
+    files = _UserFiles(train_path, test_path, {e.id: n for e, n in zip(train, train_lines)},
+                       {e.id: n for e, n in zip(test, test_lines)})
+    return TaskData(name=spec, train=train, test=test, description=f"user data {train_path}"), files
+
+
+def check_groups(task: TaskData, files: _UserFiles) -> None:
+    """Ground truth is "same group", so every test group needs training examples.
+
+    * No test example has a relevant training example: Acc and Cover would be undefined
+      for all of them -> :class:`UserError` naming the first test line.
+    * Some test groups are absent from training: a warning; those test examples are
+      excluded from Acc/Cover (``n_skipped`` in ``metrics.json``).
+    * A test group with a single training example: a warning (k = 1, so Cover equals Acc
+      for its test examples); it is scored normally.
+    """
+    if not task.test or files.test is None:
+        return
+    train_counts = Counter(ex.group for ex in task.train)
+    absent = [ex for ex in task.test if ex.group not in train_counts]
+    if absent:
+        first = absent[0]
+        where = f"{files.test}:{files.test_lines.get(first.id, '?')}: field 'group'"
+        groups = sorted({ex.group for ex in absent})
+        shown = ", ".join(repr(g) for g in groups[:5]) + (f" and {len(groups) - 5} more" if len(groups) > 5 else "")
+        if len(absent) == len(task.test):
+            raise UserError(f"{where}: no test group occurs in the training data {files.train} ({shown}); "
+                            "relevance is 'same group', so Acc and Cover would be undefined")
+        warn(f"{where}: test group(s) {shown} absent from the training data: their {len(absent)} test "
+             "example(s) have no relevant training example and are excluded from Acc/Cover (n_skipped)")
+    single = sorted(g for g in {ex.group for ex in task.test} if train_counts.get(g) == 1)
+    if single:
+        first = next(ex for ex in task.train if ex.group == single[0])
+        shown = ", ".join(repr(g) for g in single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
+        warn(f"{files.train}:{files.train_lines.get(first.id, '?')}: field 'group': group(s) {shown} have a "
+             "single training example: k = 1, so Cover equals Acc for their test examples")
 
 
 def load_task(
@@ -138,8 +182,9 @@ def load_task(
     seed: int = 0,
 ) -> TaskData:
     """Load a task by name (see :data:`PAPER_TASKS`) or ``jsonl:PATH``, optionally subsampled."""
+    files: Optional[_UserFiles] = None
     if name.startswith("jsonl:"):
-        task = _load_user_jsonl(name)
+        task, files = _load_user_jsonl(name)
     else:
         if name not in PAPER_TASKS:
             known = ", ".join(PAPER_TASKS)
@@ -152,4 +197,6 @@ def load_task(
         task = TaskData(name=name, train=train, test=test, description=spec.description)
     task.train = subsample(task.train, train_per_group, seed)
     task.test = subsample(task.test, test_per_group, seed + 1)
+    if files is not None:
+        check_groups(task, files)
     return task

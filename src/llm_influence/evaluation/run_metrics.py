@@ -7,12 +7,16 @@ the run's :class:`~llm_influence.data.TaskData` relevance (same group).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..attribute import read_scores
 from ..errors import UserError
-from ..io_utils import write_json
+from ..io_utils import sha256_file, write_json
 from ..rundir import EPOCH_RE, RunDir
 from .metrics import RANK_BY_CHOICES, evaluate_scores, relevance_from_task
 
@@ -36,8 +40,14 @@ def diagnostics_summary(diagnostics: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_run(run_path: str | Path, rank_by: str = "score") -> dict[str, Any]:
     """Compute Acc/Cover for every ``RUN/scores/epoch-N/METHOD.safetensors`` and write
-    ``RUN/metrics.json``: ``{"rank_by", "checkpoints": {epoch-N: {method: {acc, cover,
-    n_scored, n_skipped, seconds, feature_seconds, diagnostics}}}}``."""
+    ``RUN/metrics.json``: ``{"rank_by", "inputs_sha256", "checkpoints": {epoch-N: {method: {acc,
+    cover, n_scored, n_skipped, seconds, feature_seconds, diagnostics, scores_sha256}}}}``.
+
+    ``scores_sha256`` is the SHA-256 of the scores file a row was computed from and
+    ``inputs_sha256`` hashes all of them with ``rank_by`` and the ground truth (ids and
+    groups), so metrics.json names exactly what produced it. A scores file that holds NaN
+    or Inf, or whose shape or ids do not match the run, stops with a one-line error before
+    metrics.json is written: nothing non-finite reaches a table."""
     if rank_by not in RANK_BY_CHOICES:
         raise UserError(f"--rank-by {rank_by!r}: choose one of {', '.join(RANK_BY_CHOICES)}")
     run = RunDir(run_path)
@@ -49,6 +59,7 @@ def evaluate_run(run_path: str | Path, rank_by: str = "score") -> dict[str, Any]
     if not root.is_dir():
         raise UserError(f"{run.path}: no scores; run `llm-influence attribute --run {run.path}` first")
     checkpoints: dict[str, dict[str, Any]] = {}
+    inputs: list[list[str]] = []
     for folder in sorted((p for p in root.iterdir() if EPOCH_RE.match(p.name)), key=lambda p: int(p.name[6:])):
         per_method: dict[str, Any] = {}
         for path in sorted(folder.glob("*.safetensors")):
@@ -56,16 +67,35 @@ def evaluate_run(run_path: str | Path, rank_by: str = "score") -> dict[str, Any]
             if meta.get("train_ids") != train_ids or meta.get("test_ids") != test_ids:
                 raise UserError(f"{path}: scores were computed for other examples than the run's; "
                                 "re-run `llm-influence attribute --force`")
-            m = evaluate_scores(scores, relevant, rank_by=rank_by)
+            if tuple(scores.shape) != (len(test_ids), len(train_ids)):
+                raise UserError(f"{path}: scores have shape {list(scores.shape)}, the run has "
+                                f"{len(test_ids)} test x {len(train_ids)} training examples; "
+                                "re-run `llm-influence attribute --force`")
+            bad = ~torch.isfinite(scores)
+            if bad.any():
+                i, j = (int(x) for x in bad.nonzero()[0])
+                raise UserError(f"{path}: non-finite score {float(scores[i, j])} for test {test_ids[i]!r} x train "
+                                f"{train_ids[j]!r} ({int(bad.sum())} entries); not evaluated "
+                                "(re-run `llm-influence attribute --force`)")
+            try:
+                m = evaluate_scores(scores, relevant, rank_by=rank_by)
+            except ValueError as exc:  # NaN/Inf scores, wrong shape, no scorable test example
+                raise UserError(f"{path}: {exc}; not evaluated (re-run `llm-influence attribute --force`)") from None
+            digest = sha256_file(path)
+            inputs.append([str(path.relative_to(run.path)), digest])
             per_method[meta.get("method", path.stem)] = {
                 **m.to_dict(), "seconds": meta.get("seconds"), "feature_seconds": meta.get("feature_seconds"),
                 "arguments": meta.get("arguments", {}), "diagnostics": diagnostics_summary(meta.get("diagnostics", {})),
+                "scores_sha256": digest,
             }
         if per_method:
             checkpoints[folder.name] = per_method
     if not checkpoints:
         raise UserError(f"{root}: no scores files; run `llm-influence attribute --run {run.path}` first")
+    producing = {"rank_by": rank_by, "scores": inputs,
+                 "ground_truth": [[e.id, e.group] for e in task.train] + [[e.id, e.group] for e in task.test]}
     metrics = {"task": task.name, "rank_by": rank_by, "n_train": len(train_ids), "n_test": len(test_ids),
+               "inputs_sha256": hashlib.sha256(json.dumps(producing, sort_keys=True).encode("utf-8")).hexdigest(),
                "checkpoints": checkpoints}
     write_json(run.metrics_path, metrics)
     return metrics
