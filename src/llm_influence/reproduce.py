@@ -9,7 +9,6 @@ written after every task: ``DIR/results.json`` (every number) and ``DIR/report.m
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import replace
@@ -49,8 +48,9 @@ def machine_description() -> str:
 
 
 def _epoch_rows(run: RunDir) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in run.train_log.read_text(encoding="utf-8").splitlines()]
-    return [r for r in rows if r.get("kind") == "epoch"]
+    from .training.log import read_train_log
+
+    return [r for r in read_train_log(run.train_log) if r.get("kind") == "epoch"]
 
 
 def run_task(task_name: str, profile_name: str, out_dir: Path, *, methods: Sequence[str],

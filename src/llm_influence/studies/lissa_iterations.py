@@ -228,13 +228,13 @@ def epoch_log(run: RunDir) -> list[dict[str, Any]]:
     """Per-epoch rows of ``RUN/train_log.jsonl``: ``{"epoch", "train_loss", "val_loss"}``
     (mean per-example token cross-entropy in nats; epoch 0 = before training; ``val_loss``
     ``None`` without a validation split), ascending by epoch, last write of an epoch wins."""
+    from ..training.log import read_train_log
+
     rows: dict[int, dict[str, Any]] = {}
-    if run.train_log.is_file():
-        for line in run.train_log.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if row.get("kind") == "epoch":
-                rows[int(row["epoch"])] = {"epoch": int(row["epoch"]), "train_loss": row.get("train_loss"),
-                                           "val_loss": row.get("val_loss")}
+    for row in read_train_log(run.train_log):
+        if row.get("kind") == "epoch":
+            rows[int(row["epoch"])] = {"epoch": int(row["epoch"]), "train_loss": row.get("train_loss"),
+                                       "val_loss": row.get("val_loss")}
     return [rows[e] for e in sorted(rows)]
 
 
