@@ -125,9 +125,9 @@ def test_extract_computes_once_then_reuses(run, calls, tiny):
     assert name == "epoch-1"
     direct = compute_features(model, [fmt.encode(e) for e in make_examples(4)], fmt.tokenizer.pad_token_id,
                               grads=True, kfac=True, reps=True, batch_size=4, description=None)
-    for b in feats.grads:
-        torch.testing.assert_close(feats.grads[b], direct.grads[b], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(feats.kfac[b].input_cov, direct.kfac[b].input_cov, rtol=1e-5, atol=1e-7)
+    for b in feats.grads:  # atol 1e-6: extraction runs on CUDA when a GPU is present, `direct` on the CPU
+        torch.testing.assert_close(feats.grads[b], direct.grads[b], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(feats.kfac[b].input_cov, direct.kfac[b].input_cov, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(feats.reps, direct.reps, rtol=1e-5, atol=1e-6)
 
     again = extract.extract_features(run, "epoch-1", "train", need={"grads", "reps", "kfac"})
@@ -214,6 +214,6 @@ def test_hvp_and_bad_arguments(run, calls):
     with pytest.raises(UserError, match="unknown feature"):
         extract.extract_features(run, "last", "train", need={"gradz"})
     with pytest.raises(UserError, match="dtype"):
-        extract.extract_features(run, "last", "train", need={"grads"}, dtype=torch.float16)
+        extract.extract_features(run, "last", "train", need={"grads"}, dtype=torch.int8)
     with pytest.raises(UserError, match="epoch-7"):
         extract.extract_features(run, "epoch-7", "train")

@@ -5,6 +5,30 @@ fits each method on the training features, scores the test features and writes t
 ``[n_test, n_train]`` matrix with its metadata: the score convention, the method's
 arguments, its solver diagnostics, the seconds it took and the example ids. A scores file
 whose inputs (adapter, examples, feature and method arguments) are unchanged is reused.
+
+**Scoring in chunks** (:func:`score_matrix`). The training set is scored in the feature
+chunks (``chunk_size`` consecutive examples) and the columns are concatenated, so the
+memory-mapped training gradients are never materialised for scoring:
+
+* ``gradsim``, ``gradsim-cos``, ``repsim``, ``tracin`` need no global fit: each chunk is
+  fitted and scored on its own (the columns are those of the whole set);
+* methods with a ``solve`` (``datainf``, ``lissa``, ``exact``, ``exact-full``, ``ekfac``,
+  ``projected``) fit on the whole training set and precondition the test gradients once,
+  ``x_t = (H + lambda I)^{-1} v_t``; then ``score[:, chunk] = sum_l x_l g_l[chunk]^T``;
+* any other method is fitted and scored whole (rank 0).
+
+Peak memory of scoring: the solutions ``x`` (``n_test x D`` float64), the scores
+(``n_test x n_train`` float64), one training chunk in float64, plus what the method's fit
+and solve hold: one training block in float64 (``n_train x d_l``) for the block-wise
+methods and ``exact-full``; for ``projected`` a ``min(n, D)^2`` matrix and 256 MiB chunks.
+
+**Several processes** (``torchrun``, :mod:`llm_influence.distributed`): extraction is
+sharded by chunk; every rank fits and solves on the whole (memory-mapped) training set, so
+the global statistics (damping, Gram matrices, eigenvalues, K-FAC factors assembled from
+chunk sums) are the single-process ones by construction; the score columns are sharded by
+training chunk and combined exactly. Chunk shapes do not depend on the number of ranks, so
+the scores equal a single process's bitwise (``projected`` with ``D <= n`` all-reduces a
+float64 sum: equal to rounding). Rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -20,9 +44,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import distributed
 from .errors import UserError
 from .features import store as feature_store
-from .features.extract import DTYPES, extract_features
+from .features.extract import DEFAULT_CHUNK_SIZE, DTYPES, check_compute_dtype, extract_features
+from .features.projection import PROJECTION_KINDS, ProjectionSpec
 from .features.types import Features
 from .io_utils import atomic_path
 from .methods import SCORE_CONVENTION, get_method_class, make_method, method_parameters
@@ -31,12 +57,21 @@ from .rundir import RunDir
 
 DEFAULT_METHODS = ("datainf", "lissa", "gradsim", "repsim", "exact")
 SCORES_FORMAT = 1
+#: methods whose columns do not depend on the other training examples (scored chunk by chunk)
+COLUMN_SEPARABLE = frozenset({"gradsim", "gradsim-cos", "repsim", "tracin"})
 
 
 @dataclass
 class AttributeArgs:
     """Arguments of the attribute stage. ``damping=None`` uses the paper's rule: per block,
-    ``damping_ratio`` x the mean squared training-gradient entry."""
+    ``damping_ratio`` x the mean squared training-gradient entry.
+
+    ``dtype``: ``float32``/``float64`` (model and features), or ``bf16``/``fp16`` (autocast
+    forward/backward, float32 features; fp16 needs a GPU). ``chunk_size``: examples per
+    feature chunk (resumable extraction, chunked scoring, the unit of work of a rank).
+    ``project_dim``: total dimension of a seeded random projection of the gradients
+    (``project_seed``, ``project_kind``), applied during extraction; None keeps the full
+    gradients."""
 
     methods: tuple[str, ...] = DEFAULT_METHODS
     checkpoint: str = "last"
@@ -50,6 +85,16 @@ class AttributeArgs:
     rep_layer: int = -1
     rep_pooling: str = "last-prompt"
     force: bool = False
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    project_dim: Optional[int] = None
+    project_seed: int = 0
+    project_kind: str = "gaussian"
+
+    def projection(self) -> Optional[ProjectionSpec]:
+        """The :class:`ProjectionSpec` of ``project_*`` (None without ``project_dim``)."""
+        if self.project_dim is None:
+            return None
+        return ProjectionSpec(dim=self.project_dim, seed=self.project_seed, kind=self.project_kind)
 
 
 @dataclass
@@ -93,10 +138,14 @@ def _lr_per_epoch(run: RunDir) -> dict[int, float]:
 def _scores_key(run: RunDir, checkpoint: str, name: str, kwargs: dict, args: AttributeArgs,
                 examples: dict[str, str]) -> str:
     """Hash of everything a scores file depends on; ``examples`` holds the train/test digests."""
+    features: dict[str, Any] = {"dtype": args.dtype, "rep_layer": args.rep_layer, "rep_pooling": args.rep_pooling}
+    projection = args.projection()
+    if projection is not None:  # absent otherwise, so earlier scores files stay valid
+        features["projection"] = projection.to_dict()
     parts = {
         "format": SCORES_FORMAT, "method": name, "kwargs": kwargs,
         "adapter": feature_store.adapter_digest(run.checkpoints_root / checkpoint), **examples,
-        "features": {"dtype": args.dtype, "rep_layer": args.rep_layer, "rep_pooling": args.rep_pooling},
+        "features": features,
     }
     if name == "tracin":
         parts["history"] = [feature_store.adapter_digest(run.checkpoint(e)) for e in run.epochs() if e > 0
@@ -133,54 +182,83 @@ def _reusable(path: Path, key: str) -> Optional[dict[str, Any]]:
     return meta if meta.get("key") == key else None
 
 
-def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
-    """Run every method of ``args`` at every checkpoint of ``args.checkpoint``."""
-    run = RunDir(run_path)
-    names = list(dict.fromkeys(args.methods))
+def _check_args(names: list[str], args: AttributeArgs) -> None:
     for name in names:
         get_method_class(name)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if isinstance(args.chunk_size, bool) or not isinstance(args.chunk_size, int) or args.chunk_size < 1:
+        raise UserError(f"--chunk-size must be a positive integer, got {args.chunk_size!r}")
+    if args.project_kind not in PROJECTION_KINDS:
+        raise UserError(f"--project-kind must be one of {', '.join(PROJECTION_KINDS)}, got {args.project_kind!r}")
+    projection = args.projection()
+    if projection is not None:
+        needs = _needs(names, args)
+        if "kfac" in needs:
+            raise UserError("--project-dim: ekfac needs the full gradients' Kronecker structure; "
+                            "drop ekfac or --project-dim")
+        if "hvp" in needs:
+            raise UserError("--project-dim: --hessian true needs Hessian-vector products in the full "
+                            "parameter space; use --hessian gauss-newton or drop --project-dim")
+
+
+def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
+    """Run every method of ``args`` at every checkpoint of ``args.checkpoint``.
+
+    Under ``torchrun`` every rank calls this with the same arguments (see the module
+    docstring); each returns the same results, and rank 0 writes the files."""
+    run = RunDir(run_path)
+    names = list(dict.fromkeys(args.methods))
+    _check_args(names, args)
+    world = distributed.current()
+    if world.active:
+        log(f"attribute: {world.size} processes ({world.backend}); chunks of {args.chunk_size} examples")
+    dtype = DTYPES[args.dtype]
+    check_compute_dtype(dtype, world.device())
+    projection = args.projection()
     task = run.load_task()
     if not task.test:
         raise UserError(f"{run.path}: the run has no test examples to attribute")
     checkpoints = run.resolve_checkpoints(args.checkpoint)
-    run.update_config("attribute", asdict(args))
-    dtype = DTYPES[args.dtype]
+    if world.is_main:
+        run.update_config("attribute", asdict(args))
     digests = {"train": feature_store.examples_digest(task.train), "test": feature_store.examples_digest(task.test)}
     results: list[MethodResult] = []
     for checkpoint in checkpoints:
         out_dir = run.scores_dir(checkpoint)
-        todo: list[tuple[str, dict, str, Path]] = []
+        candidates = []
         for name in names:
             kwargs = method_kwargs(name, args)
             key = _scores_key(run, checkpoint, name, kwargs, args, digests)
             path = out_dir / f"{name}.safetensors"
-            meta = None if args.force else _reusable(path, key)
-            if meta is not None:
+            candidates.append((name, kwargs, key, path, None if args.force else _reusable(path, key)))
+        # rank 0 decides what is reused, so every rank runs the same methods
+        reuse = distributed.broadcast_flags([meta is not None for *_, meta in candidates], world)
+        todo: list[tuple[str, dict, str, Path]] = []
+        for (name, kwargs, key, path, meta), reused in zip(candidates, reuse):
+            if reused:
+                meta = meta if meta is not None else _reusable(path, key)
                 results.append(MethodResult(name, checkpoint, path, tuple(meta["shape"]), float(meta["seconds"]),
                                             meta.get("diagnostics", {}), reused=True))
-                continue
-            todo.append((name, kwargs, key, path))
+            else:
+                todo.append((name, kwargs, key, path))
         if not todo:
             continue
         needs = _needs([t[0] for t in todo], args)
         feature_needs = needs & {"grads", "reps", "kfac"}
         t0 = time.time()
-        train = extract_features(run, checkpoint, "train", need=feature_needs | ({"hvp"} & needs),
-                                 batch_size=args.batch_size, dtype=dtype, rep_layer=args.rep_layer,
-                                 rep_pooling=args.rep_pooling, force=args.force)
-        test = extract_features(run, checkpoint, "test", need=feature_needs - {"kfac"},
-                                batch_size=args.batch_size, dtype=dtype, rep_layer=args.rep_layer,
-                                rep_pooling=args.rep_pooling, force=args.force)
+        common = dict(batch_size=args.batch_size, dtype=dtype, rep_layer=args.rep_layer,
+                      rep_pooling=args.rep_pooling, force=args.force, chunk_size=args.chunk_size,
+                      projection=projection)
+        train = extract_features(run, checkpoint, "train", need=feature_needs | ({"hvp"} & needs), **common)
+        test = extract_features(run, checkpoint, "test", need=feature_needs - {"kfac"}, **common)
         feature_seconds = time.time() - t0
         if "history" in needs:
             _attach_history(run, checkpoint, train, test, args, dtype)
         for name, kwargs, key, path in todo:
             method = make_method(name, **kwargs)
             t1 = time.time()
-            method.fit(train)
-            scores = method.score(test)
+            scores = score_matrix(method, train, test, chunk_size=args.chunk_size, world=world)
             seconds = time.time() - t1
             _check_finite(scores, name, checkpoint, train, test)
             meta = {
@@ -189,9 +267,43 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
                 "feature_seconds": feature_seconds, "shape": list(scores.shape), "key": key,
                 "train_ids": train.ids, "test_ids": test.ids,
             }
-            _write_scores(path, scores.float(), meta)
+            if projection is not None:
+                meta["projection"] = projection.to_dict()
+            if world.is_main:
+                _write_scores(path, scores.float(), meta)
+            distributed.barrier(world)
             results.append(MethodResult(name, checkpoint, path, tuple(scores.shape), seconds, method.diagnostics))
     return results
+
+
+def score_matrix(method, train: Features, test: Features, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 world: Optional[distributed.World] = None) -> torch.Tensor:
+    """``[n_test, n_train]`` float64 scores of ``method`` (not yet fitted), training columns
+    in chunks of ``chunk_size`` (see the module docstring); ``method.diagnostics`` are set
+    as by ``fit`` + ``score``. Under several ranks each computes the chunks it owns and the
+    result (identical on every rank) is combined exactly."""
+    world = world or distributed.current()
+    ranges = distributed.chunk_ranges(train.n, chunk_size)
+    owned = [ranges[i] for i in distributed.mine(len(ranges), world)]
+    out = torch.zeros(test.n, train.n, dtype=torch.float64)
+    if method.name in COLUMN_SEPARABLE:
+        for a, b in owned:
+            out[:, a:b] = method.fit(train.select(list(range(a, b)))).score(test).cpu()
+    elif callable(getattr(method, "solve", None)):
+        method.fit(train)
+        xs = method.solve(test)  # {block: [n_test, rows, cols]} float64, every test row
+        for a, b in owned:
+            part = torch.zeros(test.n, b - a, dtype=torch.float64, device=next(iter(xs.values())).device
+                               if xs else torch.device("cpu"))
+            for block, x in xs.items():
+                g = train.grads[block][a:b]
+                part += x.reshape(test.n, -1) @ g.reshape(b - a, -1).to(device=x.device, dtype=torch.float64).T
+            out[:, a:b] = part.cpu()
+    elif world.is_main:
+        out = method.fit(train).score(test).to(device="cpu", dtype=torch.float64)
+    if not world.active:
+        return out
+    return distributed.all_reduce_sum(out, world)
 
 
 def _attach_history(run: RunDir, checkpoint: str, train: Features, test: Features, args: AttributeArgs,
@@ -206,8 +318,10 @@ def _attach_history(run: RunDir, checkpoint: str, train: Features, test: Feature
         if name == checkpoint:
             tr, te = Features(ids=train.ids, grads=train.grads), Features(ids=test.ids, grads=test.grads)
         else:
-            tr = extract_features(run, name, "train", need={"grads"}, batch_size=args.batch_size, dtype=dtype)
-            te = extract_features(run, name, "test", need={"grads"}, batch_size=args.batch_size, dtype=dtype)
+            common = dict(need={"grads"}, batch_size=args.batch_size, dtype=dtype, chunk_size=args.chunk_size,
+                          projection=args.projection())
+            tr = extract_features(run, name, "train", **common)
+            te = extract_features(run, name, "test", **common)
         train.history.append((weight, tr))
         test.history.append((weight, te))
 

@@ -149,15 +149,19 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
 
 def cmd_generate(ns: argparse.Namespace) -> int:
     from .models.generation import generate
+    from .progress import log
     from .rundir import RunDir
     from .training.load import load_finetuned
 
-    model, formatter, name = load_finetuned(RunDir(ns.run), ns.checkpoint, trust_remote_code=ns.trust_remote_code)
+    run = RunDir(ns.run)
+    model, formatter, checkpoint = load_finetuned(run, ns.checkpoint, trust_remote_code=ns.trust_remote_code)
+    name = run.config()["finetune"]["model"]
     prompts = ns.prompt
     for prompt, text in zip(prompts, generate(model, formatter, prompts, max_new_tokens=ns.max_new_tokens)):
         if len(prompts) > 1:
             print(f"### {prompt}")
         print(text)
+    log(f"generated {len(prompts)} response(s) with {name} + {ns.run}/checkpoints/{checkpoint}")
     return 0
 
 

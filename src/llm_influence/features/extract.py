@@ -5,6 +5,34 @@
 ``RUN/features/epoch-3/`` when a file made from the same inputs exists and verifies, and
 computing (then storing) them otherwise. See :mod:`.store` for the file layout and the
 cache key, :mod:`.gradients` and :mod:`.representations` for what is computed.
+
+**Chunks and resuming.** A split is computed in chunks of ``chunk_size`` consecutive
+examples (batches are formed inside a chunk, sorted by length). Each finished chunk is
+stored atomically with its key and checksum; an interrupted extraction (SIGINT, SIGKILL,
+a crash) run again with the same arguments reuses every finished chunk and computes only
+the others, and the assembled features are bitwise identical to an uninterrupted run's
+(same chunks, same batches, same arithmetic). ``chunk_size`` is not part of the cache key
+(like ``batch_size``, it changes only the batch composition, i.e. float rounding).
+
+**Several processes.** Under ``torchrun`` (see :mod:`llm_influence.distributed`) chunk
+``i`` of ``C`` is computed by rank ``i * N // C``; after all ranks finish, rank 0 assembles
+the component files and every rank opens them. Every rank must call
+:func:`extract_features` with the same arguments (it is a collective call then).
+
+**Memory.** The returned tensors are memory-mapped from the component files, so opening
+a training set larger than RAM costs no RAM until it is read. Extraction holds one chunk:
+``chunk_size x (sum of block sizes)`` numbers, or ``chunk_size x D`` with a projection.
+
+**Compute dtypes.** ``dtype`` float32 / float64: the model runs in that dtype and the
+features are stored in it. bfloat16 / float16 (``--dtype bf16`` / ``fp16``): the model is
+kept in float32 and its forward runs under ``torch.autocast`` in the half dtype; per-example
+gradients are accumulated and stored in float32 (float16 with a static loss scale of
+:data:`FP16_LOSS_SCALE`). float16 needs a CUDA GPU; bfloat16 also runs on the CPU
+(autocast), where it is mainly useful on CPUs with native bfloat16 instructions.
+
+**Projection** (``projection=ProjectionSpec(D, seed, kind)``): each batch's per-example
+gradients are projected (:mod:`.projection`) before they are stored, so the stored grads
+are ``[n, 1, k_l]`` per block; part of the grads cache key.
 """
 
 from __future__ import annotations
@@ -15,20 +43,26 @@ from typing import AbstractSet, Any, Optional
 
 import torch
 
+from .. import distributed
 from ..config import TrainArgs
 from ..errors import UserError
 from ..progress import log
 from ..rundir import RunDir
 from . import store
-from .gradients import NonFiniteError, compute_features
+from .gradients import NonFiniteError, compute_features, lora_modules
 from .hvp import make_hvp
+from .projection import GradientProjector, ProjectionSpec
 from .representations import POOLINGS
 from .types import HVP, Features
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 CACHED = ("grads", "reps", "kfac")
 KNOWN_NEEDS = frozenset({"grads", "reps", "kfac", "hvp", "history"})
 KFAC_TOKENS = "non-pad tokens t <= last position whose logit is supervised"
+DEFAULT_CHUNK_SIZE = 256
+#: static loss scale for float16 extraction (gradients are divided by it again in float32)
+FP16_LOSS_SCALE = 1024.0
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -38,10 +72,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise UserError(f"feature dtype must be one of {', '.join(DTYPES)}; got {dtype}")
 
 
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype features are stored in (and the model's weights kept in): float32 for the
+    half-precision compute dtypes, the dtype itself otherwise."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
 def _device(device: Optional[str | torch.device]) -> torch.device:
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.current().device()
     return torch.device(device)
+
+
+def check_compute_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """A :class:`UserError` for a half dtype the device cannot run."""
+    name = _dtype_name(dtype)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise UserError(f"--dtype {name} needs a CUDA GPU (float16 autocast is not supported on the {device.type}); "
+                        "use --dtype bf16 or float32")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--dtype {name}: this GPU has no bfloat16 support; use --dtype fp16 or float32")
 
 
 def resolve_checkpoint(run: RunDir, checkpoint: str) -> str:
@@ -69,18 +119,20 @@ def _load_model(run: RunDir, name: str, dtype: torch.dtype, device: torch.device
     from ..training.load import load_finetuned
 
     model, formatter, _ = load_finetuned(run, name)
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=storage_dtype(dtype))
     model.eval()
     return model, formatter
 
 
 def cache_keys(run: RunDir, name: str, split: str, *, dtype: torch.dtype, rep_layer: int,
-               rep_pooling: str) -> tuple[dict[str, str], dict[str, Any]]:
+               rep_pooling: str, projection: Optional[ProjectionSpec] = None
+               ) -> tuple[dict[str, str], dict[str, Any]]:
     """``({component: key}, arguments)`` for the split at checkpoint ``name``.
 
     Every key covers the model name, the adapter files' contents, the split's example ids
     and texts, the dtype, ``max_length`` and ``loss_on``; the reps key adds ``layer`` and
-    ``pooling``, the kfac key the K-FAC flag and token-set definition.
+    ``pooling``, the kfac key the K-FAC flag and token-set definition, the grads key the
+    projection (when there is one).
     """
     model_name, args = _finetune_config(run)
     examples = _split_examples(run, split)
@@ -88,20 +140,28 @@ def cache_keys(run: RunDir, name: str, split: str, *, dtype: torch.dtype, rep_la
               "examples": store.examples_digest(examples), "n": len(examples), "dtype": _dtype_name(dtype),
               "max_length": args.max_length, "loss_on": args.loss_on}
     keys = {
-        "grads": store.component_key(common, "grads"),
+        "grads": store.component_key(common, "grads",
+                                     None if projection is None else {"projection": projection.to_dict()}),
         "reps": store.component_key(common, "reps", {"layer": rep_layer, "pooling": rep_pooling}),
         "kfac": store.component_key(common, "kfac", {"kfac": True, "tokens": KFAC_TOKENS}),
     }
     arguments = {**common, "checkpoint": name, "split": split, "rep_layer": rep_layer,
-                 "rep_pooling": rep_pooling, "kfac_tokens": KFAC_TOKENS}
+                 "rep_pooling": rep_pooling, "kfac_tokens": KFAC_TOKENS,
+                 "projection": None if projection is None else projection.to_dict()}
     return keys, arguments
+
+
+def split_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """The extraction chunks of a split of ``n`` examples (one empty chunk when ``n == 0``)."""
+    return distributed.chunk_ranges(n, chunk_size) or [(0, 0)]
 
 
 def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
                      need: AbstractSet[str] = frozenset({"grads", "reps", "kfac"}), batch_size: int = 8,
                      dtype: torch.dtype = torch.float32, rep_layer: int = -1,
                      rep_pooling: str = "last-prompt", force: bool = False,
-                     device: Optional[str | torch.device] = None) -> Features:
+                     device: Optional[str | torch.device] = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     projection: Optional[ProjectionSpec] = None, keep_chunks: bool = False) -> Features:
     """The :class:`Features` of one split (``"train"`` or ``"test"``) at ``checkpoint``.
 
     ``need`` selects the fields: ``grads`` (``{block: [n, rows, cols]}`` per-example
@@ -112,9 +172,13 @@ def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
     TracIn's history from :func:`extract_features` at earlier checkpoints.
 
     Components are read from ``RUN/features/<checkpoint>/{split}.{component}.safetensors``
-    when their key matches (and the file verifies), otherwise computed in one pass with the
-    model in eval mode, in ``dtype`` on ``device`` (default: CUDA if available, else CPU),
-    and stored. ``force`` recomputes regardless. The tensors returned are on the CPU.
+    when their key matches (and the file verifies), otherwise computed chunk by chunk
+    (``chunk_size`` examples; finished chunks of an interrupted run are reused) with the
+    model in eval mode on ``device`` (default: this rank's CUDA device if available, else
+    the CPU), and stored. ``dtype``: float32/float64, or bfloat16/float16 autocast with
+    float32 features (see the module docstring). ``projection`` projects the gradients
+    during extraction. ``force`` recomputes regardless; ``keep_chunks`` keeps the chunk files
+    after assembly. The tensors returned are on the CPU, memory-mapped from the files.
     """
     run = run if isinstance(run, RunDir) else RunDir(run)
     unknown = set(need) - KNOWN_NEEDS
@@ -124,75 +188,150 @@ def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
         raise UserError(f"rep pooling must be one of {', '.join(POOLINGS)}; got {rep_pooling!r}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
-    _dtype_name(dtype)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise UserError(f"chunk size must be a positive integer, got {chunk_size!r}")
+    world = distributed.current()
+    dev = _device(device)
+    check_compute_dtype(dtype, dev)
     name = resolve_checkpoint(run, checkpoint)
     examples = _split_examples(run, split)
     ids = [ex.id for ex in examples]
-    keys, arguments = cache_keys(run, name, split, dtype=dtype, rep_layer=rep_layer, rep_pooling=rep_pooling)
+    keys, arguments = cache_keys(run, name, split, dtype=dtype, rep_layer=rep_layer, rep_pooling=rep_pooling,
+                                 projection=projection)
     wanted = [c for c in CACHED if c in need]
     folder = run.features_dir(name)
 
     loaded: Optional[Features] = None
     missing = set(wanted)
     if wanted and not force:
-        loaded, missing = store.load_features(folder, split, {c: keys[c] for c in wanted})
+        loaded, missing = store.load_features(folder, split, {c: keys[c] for c in wanted}, quiet=not world.is_main)
         if loaded is not None and loaded.ids != ids:  # cannot happen with matching keys; be safe
             loaded, missing = None, set(wanted)
+    # every rank takes rank 0's view of what is missing, so all take the same branches
+    flags = distributed.broadcast_flags([c in missing for c in wanted], world)
+    local_missing, missing = missing, {c for c, flag in zip(wanted, flags) if flag}
+    for c in sorted(local_missing - missing):  # rank 0 read it, this rank did not: read it again
+        comp = store.load_component(folder, split, c, key=keys[c])
+        if comp is None or comp.ids != ids:
+            raise RuntimeError(f"{store.component_path(folder, split, c)}: unreadable on rank {world.rank}")
+        loaded = loaded or Features(ids=ids)
+        setattr(loaded, c, comp.payload)
 
     model = formatter = None
-    dev = _device(device)
-    computed: dict[str, Any] = {}
+    fresh: Optional[Features] = None
     if missing:
-        model, formatter = _load_model(run, name, dtype, dev)
-        encoded = [formatter.encode(ex) for ex in examples]
-        try:
-            res = compute_features(model, encoded, formatter.tokenizer.pad_token_id, grads="grads" in missing,
-                                   kfac="kfac" in missing, reps="reps" in missing, rep_layer=rep_layer,
-                                   rep_pooling=rep_pooling, batch_size=batch_size,
-                                   description=f"{split} features ({name})")
-        except NonFiniteError as exc:
-            bad = ", ".join(ids[i] for i in exc.indices)
-            raise UserError(f"{run.checkpoints_root / name}: non-finite loss or gradient for {split} "
-                            f"example(s) {bad}; the adapter may have diverged (lower --lr)") from None
-        if res.kfac is None and "kfac" in missing:
-            raise RuntimeError("K-FAC factors were requested but not computed")
-        fresh = Features(ids=ids, grads=res.grads if "grads" in missing else {},
-                         reps=res.reps if "reps" in missing else None,
-                         kfac=res.kfac if "kfac" in missing else None)
-        args = {**arguments, "batch_size": batch_size, "device": str(dev),
+        ranges = split_chunks(len(ids), chunk_size)
+        state: dict[str, Any] = {}
+        distributed.agree(lambda: state.update(_compute_chunks(
+            run, name, split, examples, ids, sorted(missing), keys, folder, ranges, world,
+            batch_size=batch_size, dtype=dtype, device=dev, rep_layer=rep_layer, rep_pooling=rep_pooling,
+            projection=projection, force=force)), f"extracting {split} features", world)
+        model, formatter = state.get("model"), state.get("formatter")
+        args = {**arguments, "batch_size": batch_size, "chunk_size": chunk_size, "device": str(dev),
+                "compute_dtype": _dtype_name(dtype), "world_size": world.size,
                 "computed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        store.save_features(folder, split, fresh, keys=keys, seconds={c: res.seconds for c in missing},
-                            arguments=args)
-        log(f"{folder}: {split} {', '.join(sorted(missing))} for {len(ids)} examples in {res.seconds:.1f} s")
-        computed = {"grads": fresh.grads, "reps": fresh.reps, "kfac": fresh.kfac}
+        if world.is_main:
+            distributed.agree(lambda: _assemble(folder, split, sorted(missing), keys, ranges, ids, args,
+                                                storage_dtype(dtype), keep_chunks), f"assembling {split} features",
+                              world)
+        else:
+            distributed.agree(lambda: None, f"assembling {split} features", world)
+        fresh, still = store.load_features(folder, split, {c: keys[c] for c in missing}, verify=world.is_main)
+        if still or fresh is None or fresh.ids != ids:
+            raise RuntimeError(f"{folder}: the assembled {split} features {sorted(still)} do not load")
 
     def pick(component: str, empty):
         if component not in need:
             return empty
-        if component in missing:
-            return computed[component]
-        return getattr(loaded, component)
+        source = fresh if component in missing else loaded
+        return getattr(source, component)
 
     features = Features(ids=ids, grads=pick("grads", {}), reps=pick("reps", None), kfac=pick("kfac", None))
     if "hvp" in need:
         if model is None or split != "train":
             features.hvp = build_hvp(run, name, batch_size, dtype=dtype, device=dev)
         else:
+            encoded = [formatter.encode(ex) for ex in examples]
             features.hvp = make_hvp(model, encoded, formatter.tokenizer.pad_token_id, batch_size=batch_size)
     return features
+
+
+def _compute_chunks(run: RunDir, name: str, split: str, examples, ids: list[str], missing: list[str],
+                    keys: dict[str, str], folder: Path, ranges: list[tuple[int, int]], world, *,
+                    batch_size: int, dtype: torch.dtype, device: torch.device, rep_layer: int,
+                    rep_pooling: str, projection: Optional[ProjectionSpec], force: bool) -> dict[str, Any]:
+    """Compute and store this rank's unfinished chunks of ``missing``; returns the model
+    and formatter if it loaded them (for the HVP), else an empty dict."""
+    todo: list[tuple[int, set[str]]] = []
+    for i in distributed.mine(len(ranges), world):
+        a, b = ranges[i]
+        need = {c for c in missing
+                if force or store.load_chunk(folder, split, c, keys[c], a, b, ids[a:b]) is None}
+        if need:
+            todo.append((i, need))
+    done = len(distributed.mine(len(ranges), world)) - len(todo)
+    if done:
+        log(f"{folder}: {split}: {done} of {len(ranges)} chunk(s) already finished, reusing them")
+    if not todo:
+        return {}
+    model, formatter = _load_model(run, name, dtype, device)
+    projector = None
+    if projection is not None and any("grads" in need for _, need in todo):
+        shapes = {b: tuple(m.weight.shape) for b, m in lora_modules(model).items()}
+        projector = GradientProjector(projection, shapes)
+    autocast = dtype if dtype in HALF_DTYPES else None
+    loss_scale = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
+    for i, need in todo:
+        a, b = ranges[i]
+        encoded = [formatter.encode(ex) for ex in examples[a:b]]
+        try:
+            res = compute_features(model, encoded, formatter.tokenizer.pad_token_id, grads="grads" in need,
+                                   kfac="kfac" in need, reps="reps" in need, rep_layer=rep_layer,
+                                   rep_pooling=rep_pooling, batch_size=batch_size,
+                                   description=f"{split} features ({name})" + (
+                                       f" chunk {i + 1}/{len(ranges)}" if len(ranges) > 1 else ""),
+                                   transform=projector, autocast_dtype=autocast, loss_scale=loss_scale)
+        except NonFiniteError as exc:
+            bad = ", ".join(ids[a + j] for j in exc.indices)
+            hint = " (float16 overflow? use --dtype bf16)" if dtype == torch.float16 else ""
+            raise UserError(f"{run.checkpoints_root / name}: non-finite loss or gradient for {split} "
+                            f"example(s) {bad}{hint}; the adapter may have diverged (lower --lr)") from None
+        payloads = {"grads": res.grads, "reps": res.reps, "kfac": (res.kfac_sums, res.kfac_tokens)}
+        for c in sorted(need):
+            store.save_chunk(folder, split, c, keys[c], a, b, ids[a:b], payloads[c], seconds=res.seconds)
+        log(f"{folder}: {split} chunk {i + 1}/{len(ranges)} (examples {a}..{b - 1}) computed "
+            f"({', '.join(sorted(need))}) in {res.seconds:.1f} s")
+    return {"model": model, "formatter": formatter}
+
+
+def _assemble(folder: Path, split: str, missing: list[str], keys: dict[str, str], ranges: list[tuple[int, int]],
+              ids: list[str], arguments: dict[str, Any], kfac_dtype: torch.dtype, keep_chunks: bool) -> None:
+    """Rank 0: the component files from the chunks, then the summary; chunks removed."""
+    summary: dict[str, Any] = {"split": split, "n": len(ids), "arguments": arguments, "components": {}}
+    for c in missing:
+        path, seconds = store.assemble_component(folder, split, c, keys[c], ranges, ids, arguments=arguments,
+                                                 kfac_dtype=kfac_dtype)
+        summary["components"][c] = {"file": path.name, "key": keys[c], "seconds": seconds, "arguments": arguments}
+        if not keep_chunks:
+            store.remove_chunks(folder, split, c, keys[c])
+    store.update_summary(folder, split, summary)
+    secs = sum(v["seconds"] for v in summary["components"].values()) / max(len(missing), 1)
+    log(f"{folder}: {split} {', '.join(missing)} for {len(ids)} examples in {secs:.1f} s")
 
 
 def build_hvp(run: RunDir | str | Path, checkpoint: str, batch_size: int = 8, *,
               dtype: torch.dtype = torch.float32, device: Optional[str | torch.device] = None) -> HVP:
     """Hessian-vector products of the run's mean training loss at ``checkpoint`` (see
     :func:`llm_influence.features.hvp.make_hvp`); loads the fine-tuned model once, in
-    ``dtype`` on ``device``, and keeps it for the callable's lifetime."""
+    ``dtype`` on ``device`` (float32 for the half dtypes: no autocast), and keeps it for the
+    callable's lifetime."""
     run = run if isinstance(run, RunDir) else RunDir(run)
-    _dtype_name(dtype)
+    dev = _device(device)
+    check_compute_dtype(dtype, dev)
     name = resolve_checkpoint(run, checkpoint)
     examples = _split_examples(run, "train")
     if not examples:
         raise UserError(f"{run.path}: no training examples for Hessian-vector products")
-    model, formatter = _load_model(run, name, dtype, _device(device))
+    model, formatter = _load_model(run, name, dtype, dev)
     encoded = [formatter.encode(ex) for ex in examples]
     return make_hvp(model, encoded, formatter.tokenizer.pad_token_id, batch_size=batch_size)

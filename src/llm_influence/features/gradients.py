@@ -42,13 +42,26 @@ position whose logit is supervised (``labels[b, p_b + 1] != -100``). By causalit
 after ``p_b`` (e.g. the final token, whose logit predicts nothing) influence no loss at any
 layer, so they are excluded from both factors; every other non-pad token is included in
 both, including prompt tokens (which receive gradient through attention). ``N = |S|``
-summed over all examples, the same ``N`` for every block. Sums run in float64.
+summed over all examples, the same ``N`` for every block. Sums run in float64 (the raw sums
+and ``N`` are returned too, so chunks of a split can be combined exactly).
+
+**Half precision** (``autocast_dtype`` bfloat16/float16): the forward runs under
+``torch.autocast`` with the weights kept in float32; the captured activations and output
+gradients (half or float32) are up-cast before the per-example product, so every gradient
+is accumulated and returned in float32 (``float64`` models stay float64). float16 needs
+loss scaling against underflow: the backward pass is run on ``loss_scale * sum_b L_b`` and
+the captured output gradients are divided by ``loss_scale`` before use.
+
+**Projection** (``transform``): an object with ``output_shape(block, (rows, cols))`` and
+``__call__(block, grads [B, rows, cols]) -> [B, *output_shape]`` applied to each batch's
+per-example gradients before they are stored, so a full ``[n, rows, cols]`` array is never
+allocated (:class:`llm_influence.features.projection.GradientProjector`).
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator, Optional, Sequence
@@ -141,9 +154,11 @@ class LoraGradientCapture:
     run ``backward`` of the *sum* of per-example losses, then read :meth:`batch_grads`.
     """
 
-    def __init__(self, modules: dict[str, torch.nn.Linear], *, kfac: bool = False) -> None:
+    def __init__(self, modules: dict[str, torch.nn.Linear], *, kfac: bool = False,
+                 grad_scale: float = 1.0) -> None:
         self.modules = modules
         self.kfac = kfac
+        self.grad_scale = float(grad_scale)
         self._handles: list = []
         self._x: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
@@ -186,15 +201,22 @@ class LoraGradientCapture:
 
     def _backward(self, block: str, delta: torch.Tensor) -> None:
         x = self._x.pop(block)
+        # accumulate in float32 at least (half-precision activations/gradients are up-cast)
+        acc = torch.promote_types(torch.promote_types(x.dtype, delta.dtype), torch.float32)
+        delta = delta.detach().to(acc)
+        if self.grad_scale != 1.0:
+            delta = delta / self.grad_scale
+        x = x.to(acc)
         mask = self._mask.to(x.device)[..., None]
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        d = torch.where(mask, delta.detach(), zero)
+        zero = torch.zeros((), dtype=acc, device=x.device)
+        d = torch.where(mask, delta, zero)
         xm = torch.where(mask, x, zero)
-        self._grads[block] = torch.bmm(d.transpose(1, 2), xm)  # [B, out, in]
+        with torch.autocast(x.device.type, enabled=False):
+            self._grads[block] = torch.bmm(d.transpose(1, 2), xm)  # [B, out, in]
         if self.kfac:
             sel = self._kmask.to(x.device)
             xs = x[sel].to(torch.float64)
-            ds = delta.detach()[sel].to(torch.float64)
+            ds = delta[sel].to(torch.float64)
             if block not in self.input_sums:
                 self.input_sums[block] = torch.zeros((x.shape[-1], x.shape[-1]), dtype=torch.float64, device=x.device)
                 self.grad_sums[block] = torch.zeros((d.shape[-1], d.shape[-1]), dtype=torch.float64, device=x.device)
@@ -216,17 +238,29 @@ class LoraGradientCapture:
         self._grads = {}
         return out
 
-    def factors(self, dtype: torch.dtype) -> dict[str, KFACFactors]:
-        """The accumulated factors (means over the ``n_tokens`` tokens of all batches)."""
-        n = max(self.n_tokens, 1)
+    def sums(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{block: (sum x x^T [cols, cols], sum delta delta^T [rows, rows])}``: the raw
+        float64 CPU sums over the ``n_tokens`` tokens of all batches (zeros for a block
+        that received no gradient)."""
         out = {}
         for block, module in self.modules.items():
             rows, cols = module.weight.shape
             a = self.input_sums.get(block, torch.zeros((cols, cols), dtype=torch.float64))
             s = self.grad_sums.get(block, torch.zeros((rows, rows), dtype=torch.float64))
-            out[block] = KFACFactors(input_cov=(a / n).to(dtype).cpu(), grad_cov=(s / n).to(dtype).cpu(),
-                                     n_tokens=self.n_tokens)
+            out[block] = (a.cpu(), s.cpu())
         return out
+
+    def factors(self, dtype: torch.dtype) -> dict[str, KFACFactors]:
+        """The accumulated factors (means over the ``n_tokens`` tokens of all batches)."""
+        return factors_from_sums(self.sums(), self.n_tokens, dtype)
+
+
+def factors_from_sums(sums: dict[str, tuple[torch.Tensor, torch.Tensor]], n_tokens: int,
+                      dtype: torch.dtype) -> dict[str, KFACFactors]:
+    """K-FAC factors (means, in ``dtype``) from float64 sums over ``n_tokens`` tokens."""
+    n = max(n_tokens, 1)
+    return {b: KFACFactors(input_cov=(a / n).to(dtype).cpu(), grad_cov=(s / n).to(dtype).cpu(), n_tokens=n_tokens)
+            for b, (a, s) in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,6 +273,8 @@ class ExtractedArrays:
 
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     kfac: Optional[dict[str, KFACFactors]] = None
+    kfac_sums: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
+    kfac_tokens: int = 0
     reps: Optional[torch.Tensor] = None
     losses: Optional[torch.Tensor] = None
     seconds: float = 0.0
@@ -247,7 +283,8 @@ class ExtractedArrays:
 def compute_features(model, encoded: Sequence[Encoded], pad_id: int, *, grads: bool = True,
                      kfac: bool = False, reps: bool = False, rep_layer: int = -1,
                      rep_pooling: str = "last-prompt", batch_size: int = 8, side: str = "right",
-                     description: Optional[str] = "features") -> ExtractedArrays:
+                     description: Optional[str] = "features", transform=None,
+                     autocast_dtype: Optional[torch.dtype] = None, loss_scale: float = 1.0) -> ExtractedArrays:
     """One pass over ``encoded``: per-example gradients, K-FAC factors and representations.
 
     ``grads``/``kfac`` need a forward + backward per batch (see the module docstring);
@@ -256,7 +293,13 @@ def compute_features(model, encoded: Sequence[Encoded], pad_id: int, *, grads: b
     flags are restored afterwards. Returns :class:`ExtractedArrays` with ``grads``
     ``{block: [n, rows, cols]}``, ``kfac`` ``{block: KFACFactors}`` (if asked), ``reps``
     ``[n, hidden]`` (if asked), ``losses`` ``[n]`` (each example's mean token loss, nats)
-    and the wall-clock ``seconds``.
+    and the wall-clock ``seconds``; with ``kfac`` also the raw float64 sums ``kfac_sums`` and
+    their token count ``kfac_tokens``.
+
+    ``transform`` (e.g. a projection) maps each batch's ``[B, rows, cols]`` gradients before
+    they are stored; ``autocast_dtype`` (bfloat16 / float16) runs the forward under autocast
+    and ``loss_scale`` scales the backward pass (see the module docstring). The defaults
+    compute exactly as before these options existed.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -272,9 +315,10 @@ def compute_features(model, encoded: Sequence[Encoded], pad_id: int, *, grads: b
     n_batches = (n + batch_size - 1) // batch_size
     result = ExtractedArrays()
     with _grad_context(model, backward) as modules:
-        capture = LoraGradientCapture(modules, kfac=kfac) if backward else None
+        capture = LoraGradientCapture(modules, kfac=kfac, grad_scale=loss_scale) if backward else None
         if grads:
-            result.grads = {b: torch.zeros((n, *m.weight.shape), dtype=m.weight.dtype) for b, m in modules.items()}
+            result.grads = {b: torch.zeros((n, *_stored_shape(transform, b, tuple(m.weight.shape))),
+                                           dtype=_acc_dtype(m.weight.dtype)) for b, m in modules.items()}
         losses = torch.zeros(n, dtype=torch.float64)
         rep_out: Optional[torch.Tensor] = None
         params = [m.weight for m in modules.values()] if backward else []
@@ -287,34 +331,43 @@ def compute_features(model, encoded: Sequence[Encoded], pad_id: int, *, grads: b
                 labels = batch["labels"].to(device)
                 if capture is not None:
                     capture.begin(inputs["attention_mask"], labels)
-                out = model(**inputs, output_hidden_states=reps, use_cache=False)
+                with _autocast(device, autocast_dtype):
+                    out = model(**inputs, output_hidden_states=reps, use_cache=False)
                 if backward:
                     batch_losses = sequence_losses(out.logits, labels)
                     # S = sum_b L_b: its gradient w.r.t. example b's tokens is dL_b/d(tokens of b).
-                    torch.autograd.grad(batch_losses.sum(), params, allow_unused=True)
+                    total = batch_losses.sum() if loss_scale == 1.0 else batch_losses.sum() * loss_scale
+                    torch.autograd.grad(total, params, allow_unused=True)
                     per_ex = capture.batch_grads()
                     _check_finite(batch_losses, per_ex, idx)
                     if grads:
                         for b, g in per_ex.items():
-                            result.grads[b][index] = g.detach().cpu()
+                            g = g.detach()
+                            if transform is not None:
+                                g = transform(b, g)
+                            result.grads[b][index] = g.to(result.grads[b].dtype).cpu()
                 else:
                     batch_losses = sequence_losses(out.logits.detach(), labels)
                 losses[index] = batch_losses.detach().cpu().to(torch.float64)
                 if reps:
                     pooled = pool_hidden(select_layer(out.hidden_states, rep_layer), inputs["attention_mask"],
                                          batch["last_prompt_index"].to(device), rep_pooling).detach().cpu()
+                    pooled = pooled.to(_acc_dtype(pooled.dtype))
                     if rep_out is None:
                         rep_out = torch.empty((n, pooled.shape[1]), dtype=pooled.dtype)
                     rep_out[index] = pooled
                 del out
                 advance(info=f"loss {float(batch_losses.detach().mean()):.3f}")
         if kfac:
-            result.kfac = capture.factors(next(iter(modules.values())).weight.dtype)
+            result.kfac_sums = capture.sums()
+            result.kfac_tokens = capture.n_tokens
+            result.kfac = factors_from_sums(result.kfac_sums, capture.n_tokens,
+                                            _acc_dtype(next(iter(modules.values())).weight.dtype))
     if reps:
         if rep_out is None:
             cfg = model.config
             hidden = (cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg).hidden_size
-            rep_out = torch.empty((0, hidden), dtype=next(model.parameters()).dtype)
+            rep_out = torch.empty((0, hidden), dtype=_acc_dtype(next(model.parameters()).dtype))
         result.reps = rep_out
     result.losses = losses
     result.seconds = time.perf_counter() - t0
@@ -352,6 +405,21 @@ def _check_finite(losses: torch.Tensor, per_ex: dict[str, torch.Tensor], idx: li
         ok &= torch.isfinite(g).flatten(1).all(dim=1)
     if not bool(ok.all()):
         raise NonFiniteError([i for i, good in zip(idx, ok.tolist()) if not good])
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision dtypes (what is stored), the dtype itself otherwise."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _stored_shape(transform, block: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape) if transform is None else tuple(transform.output_shape(block, shape))
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @contextmanager

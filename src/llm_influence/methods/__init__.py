@@ -14,11 +14,12 @@ returning ``[n_test, n_train]`` float64 scores on the device of the training gra
 | ``exact-full`` | :mod:`.exact_full` | joint ``(H + lambda I)^{-1} v`` over all blocks |
 | ``ekfac`` | :mod:`.ekfac` | EK-FAC with eigenvalue correction |
 | ``tracin`` | :mod:`.tracin` | learning-rate-weighted gradient dots over checkpoints |
+| ``projected`` | :mod:`.projected` | joint ``(P G P^T + lambda I)^{-1}`` in a random-projection space |
 
 Damping for the inverse-Hessian methods is shared (:mod:`.damping`).
 """
 
-from . import datainf, ekfac, exact, exact_full, gradsim, lissa, repsim, tracin  # noqa: F401  (registration)
+from . import datainf, ekfac, exact, exact_full, gradsim, lissa, projected, repsim, tracin  # noqa: F401  (registration)
 from .base import (SCORE_CONVENTION, Method, available_methods, get_method_class, make_method,
                    method_parameters, register)
 from .damping import DEFAULT_DAMPING_RATIO, block_damping, global_damping
