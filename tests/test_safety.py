@@ -73,7 +73,8 @@ def test_trust_remote_code_is_off_unless_the_flag_is_given(monkeypatch, tmp_path
     for fn in (load_model, load_finetuned):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False
     parser = build_parser()
-    for argv in (["finetune", "--task", "x", "--out", "o"], ["generate", "--run", "r", "--prompt", "p"]):
+    for argv in (["finetune", "--task", "x", "--out", "o"], ["generate", "--run", "r", "--prompt", "p"],
+                 ["attribute", "--run", "r"], ["explain", "--run", "r", "--prompt", "p"]):
         assert parser.parse_args(argv).trust_remote_code is False
         assert parser.parse_args(argv + ["--trust-remote-code"]).trust_remote_code is True
 
@@ -93,6 +94,35 @@ def test_trust_remote_code_is_off_unless_the_flag_is_given(monkeypatch, tmp_path
             "--model", "some/model"]
     assert main(base) == 2 and main(base + ["--trust-remote-code"]) == 2
     assert seen == [False, True]
+
+    # attribute and explain pass it on to the model load of feature extraction
+    from llm_influence.attribute import AttributeArgs
+    from llm_influence.explain import ExplainArgs
+
+    assert AttributeArgs().trust_remote_code is False and ExplainArgs("m", Path("t")).trust_remote_code is False
+    loads = []
+
+    def fake_load_finetuned(run, name, **kwargs):
+        loads.append(kwargs.get("trust_remote_code"))
+        raise UserError("stop here")
+
+    monkeypatch.setattr(importlib.import_module("llm_influence.training.load"), "load_finetuned", fake_load_finetuned)
+    run = tmp_path / "run2"
+    from llm_influence.config import TrainArgs
+    from llm_influence.data import Example, TaskData
+    from llm_influence.models import LoraSpec
+    from llm_influence.training import finetune
+
+    monkeypatch.undo()  # the real finetune for the run itself
+    examples = [Example(f"t{i}", f"q{i}", f"a{i}", "g") for i in range(2)]
+    finetune(run, TaskData("t", examples, examples[:1]), model_name="tiny-llama", lora=LoraSpec(r=2, alpha=4),
+             args=TrainArgs(epochs=1, batch_size=2, max_length=24))
+    monkeypatch.setattr(importlib.import_module("llm_influence.training.load"), "load_finetuned", fake_load_finetuned)
+    for extra in ([], ["--trust-remote-code"]):
+        assert main(["attribute", "--run", str(run), "--methods", "gradsim", "--quiet", *extra]) == 2
+        assert main(["explain", "--run", str(run), "--prompt", "p", "--response", "r", "--methods", "gradsim",
+                     "--cache-dir", str(tmp_path / "c"), "--quiet", *extra]) == 2
+    assert loads == [False, False, True, True]
 
 
 def _model_dir(tmp_path: Path, tiny, name: str) -> Path:

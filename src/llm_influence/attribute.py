@@ -89,6 +89,7 @@ class AttributeArgs:
     project_dim: Optional[int] = None
     project_seed: int = 0
     project_kind: str = "gaussian"
+    trust_remote_code: bool = False
 
     def projection(self) -> Optional[ProjectionSpec]:
         """The :class:`ProjectionSpec` of ``project_*`` (None without ``project_dim``)."""
@@ -126,12 +127,12 @@ def _needs(names: list[str], args: AttributeArgs) -> set[str]:
 
 def _lr_per_epoch(run: RunDir) -> dict[int, float]:
     """Mean learning rate of each epoch's optimiser steps (TracIn's checkpoint weights)."""
+    from .training.log import read_train_log
+
     sums: dict[int, list[float]] = {}
-    if run.train_log.is_file():
-        for line in run.train_log.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if row.get("kind") == "step":
-                sums.setdefault(int(row["epoch"]), []).append(float(row["lr"]))
+    for row in read_train_log(run.train_log):  # a line cut short by a killed finetune is skipped
+        if row.get("kind") == "step":
+            sums.setdefault(int(row["epoch"]), []).append(float(row["lr"]))
     return {e: sum(v) / len(v) for e, v in sums.items()}
 
 
@@ -249,7 +250,7 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
         t0 = time.time()
         common = dict(batch_size=args.batch_size, dtype=dtype, rep_layer=args.rep_layer,
                       rep_pooling=args.rep_pooling, force=args.force, chunk_size=args.chunk_size,
-                      projection=projection)
+                      projection=projection, trust_remote_code=args.trust_remote_code)
         train = extract_features(run, checkpoint, "train", need=feature_needs | ({"hvp"} & needs), **common)
         test = extract_features(run, checkpoint, "test", need=feature_needs - {"kfac"}, **common)
         feature_seconds = time.time() - t0
@@ -319,7 +320,7 @@ def _attach_history(run: RunDir, checkpoint: str, train: Features, test: Feature
             tr, te = Features(ids=train.ids, grads=train.grads), Features(ids=test.ids, grads=test.grads)
         else:
             common = dict(need={"grads"}, batch_size=args.batch_size, dtype=dtype, chunk_size=args.chunk_size,
-                          projection=args.projection())
+                          projection=args.projection(), trust_remote_code=args.trust_remote_code)
             tr = extract_features(run, name, "train", **common)
             te = extract_features(run, name, "test", **common)
         train.history.append((weight, tr))

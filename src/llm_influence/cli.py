@@ -214,7 +214,8 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
     args = AttributeArgs(methods=methods, checkpoint=ns.checkpoint, damping=ns.damping,
                          damping_ratio=ns.damping_ratio, lissa_iters=ns.lissa_iters, lissa_scale=ns.lissa_scale,
                          hessian=ns.hessian, batch_size=ns.batch_size, rep_layer=ns.rep_layer,
-                         rep_pooling=ns.rep_pooling, force=ns.force, **_scale_args(ns))
+                         rep_pooling=ns.rep_pooling, force=ns.force, trust_remote_code=ns.trust_remote_code,
+                         **_scale_args(ns))
     from . import distributed
 
     try:
@@ -250,11 +251,6 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     from .progress import log
     from .reproduce import reproduce
 
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise UserError("reproduce does not run under torchrun (fine-tuning is one process); run reproduce, "
-                        "or `torchrun --nproc_per_node=N -m llm_influence.cli attribute --run RUN` per task")
     tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()] if ns.tasks else None
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()] if ns.methods else None
     args = AttributeArgs(damping=ns.damping, damping_ratio=ns.damping_ratio, lissa_iters=ns.lissa_iters,
@@ -262,6 +258,10 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
     studies = [x.strip() for x in ns.studies.split(",") if x.strip()] if ns.studies is not None else None
     results = reproduce(ns.profile, ns.out, tasks=tasks, methods=methods, data_dir=ns.data_dir, model=ns.model,
                         rank_by=ns.rank_by, attribute_args=args, studies=studies)
+    from .distributed import current
+
+    if current().rank != 0:  # torchrun: rank 0 prints the tables
+        return 0
     for task, entry in results["tasks"].items():
         cells = "  ".join(f"{m} {100 * v['acc']:.1f}/{100 * v['cover']:.1f}" for m, v in entry["methods"].items())
         print(f"{task:<13} {cells}")
@@ -303,7 +303,8 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip())
     options = {"methods": methods, "top": ns.top, "max_new_tokens": ns.max_new_tokens, "batch_size": ns.batch_size,
                "damping": ns.damping, "damping_ratio": ns.damping_ratio, "lissa_iters": ns.lissa_iters,
-               "cache_dir": Path(ns.cache_dir) if ns.cache_dir else None}
+               "cache_dir": Path(ns.cache_dir) if ns.cache_dir else None,
+               "trust_remote_code": ns.trust_remote_code}
     if ns.run:
         if ns.model or ns.adapter or ns.train:
             raise UserError("--run takes the model, adapter and training set from the run; "
@@ -384,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-layer", type=int, default=-1, help="hidden-state index for repsim (default: last)")
     p.add_argument("--rep-pooling", choices=["last-prompt", "mean-prompt", "mean"], default="last-prompt")
     p.add_argument("--force", action="store_true", help="recompute features and scores")
+    _add_trust_remote_code(p)
     p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("evaluate", help="Acc and Cover of every scores file of a run -> RUN/metrics.json")
@@ -436,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damping-ratio", type=float, default=0.1)
     p.add_argument("--lissa-iters", type=int, default=10)
     p.add_argument("--cache-dir", help="where query runs are cached (default: $LLM_INFLUENCE_CACHE/explain)")
+    _add_trust_remote_code(p)
     p.set_defaults(func=cmd_explain)
 
     from .studies import study_descriptions

@@ -69,6 +69,7 @@ class ExplainArgs:
     gradients to be those of its training loss (``--run`` copies them from a run).
     ``lora`` and ``seed`` are used only without an adapter (a fresh LoRA, see the module
     docstring). ``cache_dir`` defaults to ``$LLM_INFLUENCE_CACHE/explain``.
+    ``trust_remote_code`` lets a model loaded by path run its own code (explicit opt-in).
     """
 
     model: str
@@ -86,6 +87,7 @@ class ExplainArgs:
     lora: LoraSpec = field(default_factory=LoraSpec)
     seed: int = 0
     cache_dir: Optional[Path] = None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -227,7 +229,7 @@ def _prepare_query_run(args: ExplainArgs, train: list[Example], folder: Path) ->
             from .models.lora import attach_lora
             from .models.registry import load_model
 
-            base, _, _ = load_model(args.model)
+            base, _, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
             attach_lora(base, args.lora, seed=args.seed).save_pretrained(str(tmp), safe_serialization=True)
     publish_dir(checkpoint, write_adapter)
     write_examples(run.path / "data" / "train.jsonl", train)
@@ -248,7 +250,7 @@ def _generate_missing(run: RunDir, queries: list[Query], args: ExplainArgs) -> t
     from .training.load import load_finetuned
 
     log(f"generating {len(missing)} response(s) greedily (max {args.max_new_tokens} new tokens)")
-    model, formatter, _ = load_finetuned(run, CHECKPOINT)
+    model, formatter, _ = load_finetuned(run, CHECKPOINT, trust_remote_code=args.trust_remote_code)
     texts = iter(generate(model, formatter, [q.prompt for q in missing], max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size))
     out, generated = [], []
@@ -281,7 +283,8 @@ def explain(queries: Sequence[Query], args: ExplainArgs) -> ExplainResult:
         features_before = _train_feature_files(run)
         attribute(run.path, AttributeArgs(methods=tuple(args.methods), checkpoint=CHECKPOINT,
                                           damping=args.damping, damping_ratio=args.damping_ratio,
-                                          lissa_iters=args.lissa_iters, batch_size=args.batch_size))
+                                          lissa_iters=args.lissa_iters, batch_size=args.batch_size,
+                                          trust_remote_code=args.trust_remote_code))
         reused = bool(features_before) and features_before == _train_feature_files(run)
         tops: list[dict[str, list[Influencer]]] = [{} for _ in queries]
         for method in args.methods:

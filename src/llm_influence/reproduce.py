@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from . import distributed
 from .attribute import AttributeArgs, attribute, read_scores
 from .config import get_profile
 from .data import load_task
@@ -64,12 +65,21 @@ def run_task(task_name: str, profile_name: str, out_dir: Path, *, methods: Seque
                      seed=args.seed)
     run_path = out_dir / "runs" / task_name
     t0 = time.time()
-    result = finetune(run_path, task, model_name=model or profile.model, lora=profile.lora, args=args,
-                      task_config={"profile": profile.name, "train_per_group": tp.train_per_group,
-                                   "test_per_group": tp.test_per_group})
+    world = distributed.current()
+
+    def tune():
+        if world.rank != 0:  # under torchrun rank 0 fine-tunes; the others wait in agree()
+            return None
+        return finetune(run_path, task, model_name=model or profile.model, lora=profile.lora, args=args,
+                        task_config={"profile": profile.name, "train_per_group": tp.train_per_group,
+                                     "test_per_group": tp.test_per_group})
+
+    result = distributed.agree(tune, f"fine-tuning {task_name}")
     run = RunDir(run_path)
     attr_args = replace(attribute_args or AttributeArgs(), methods=tuple(methods), checkpoint="last")
-    attribute(run_path, attr_args)
+    attribute(run_path, attr_args)  # sharded over the ranks under torchrun
+    if world.rank != 0:
+        return {}
     metrics = evaluate_run(run_path, rank_by=rank_by)
     checkpoint = run.resolve_checkpoints("last")[0]
     per_method = metrics["checkpoints"][checkpoint]
@@ -146,7 +156,9 @@ def reproduce(profile_name: str, out_dir: str | Path, *, tasks: Optional[Sequenc
     and the figures into ``out_dir``.
 
     ``studies`` (default: every registered study) run after the tasks under the same
-    profile; their Markdown sections are appended to the report.
+    profile; their Markdown sections are appended to the report. Under ``torchrun`` rank 0
+    fine-tunes each task, every rank takes its share of the attribute stage, rank 0 evaluates
+    and writes everything, and the studies are skipped (they are not sharded).
     """
     from .report.markdown import render_report
     from .studies import available_studies
@@ -167,12 +179,21 @@ def reproduce(profile_name: str, out_dir: str | Path, *, tasks: Optional[Sequenc
         "rank_by": rank_by, "methods": methods, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "versions": versions(), "tasks": {},
     }
+    world = distributed.current()
+    if world.active and study_names:
+        log(f"torchrun: the studies are not sharded and are skipped here ({', '.join(study_names)}); "
+            "run `llm-influence study NAME` afterwards")
+        study_names = []
     for i, name in enumerate(names, 1):
         log(f"[{i}/{len(names)}] {name}")
-        results["tasks"][name] = run_task(name, profile.name, out, methods=methods, data_dir=data_dir,
-                                          model=model, rank_by=rank_by, attribute_args=attribute_args)
-        results["wall_seconds"] = time.time() - t0
-        write_json(out / "results.json", results)
+        entry = run_task(name, profile.name, out, methods=methods, data_dir=data_dir,
+                         model=model, rank_by=rank_by, attribute_args=attribute_args)
+        if world.rank == 0:
+            results["tasks"][name] = entry
+            results["wall_seconds"] = time.time() - t0
+            write_json(out / "results.json", results)
+    if world.rank != 0:  # rank 0 writes the figures and reports
+        return results
     figures, showcases = _figures(out, results, methods)
     results["figures"] = figures
     studies_done = run_studies(study_names, profile.name, out, data_dir)

@@ -115,10 +115,10 @@ def _split_examples(run: RunDir, split: str):
     return task.train if split == "train" else task.test
 
 
-def _load_model(run: RunDir, name: str, dtype: torch.dtype, device: torch.device):
+def _load_model(run: RunDir, name: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
     from ..training.load import load_finetuned
 
-    model, formatter, _ = load_finetuned(run, name)
+    model, formatter, _ = load_finetuned(run, name, trust_remote_code=trust_remote_code)
     model = model.to(device=device, dtype=storage_dtype(dtype))
     model.eval()
     return model, formatter
@@ -161,7 +161,8 @@ def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
                      dtype: torch.dtype = torch.float32, rep_layer: int = -1,
                      rep_pooling: str = "last-prompt", force: bool = False,
                      device: Optional[str | torch.device] = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                     projection: Optional[ProjectionSpec] = None, keep_chunks: bool = False) -> Features:
+                     projection: Optional[ProjectionSpec] = None, keep_chunks: bool = False,
+                     trust_remote_code: bool = False) -> Features:
     """The :class:`Features` of one split (``"train"`` or ``"test"``) at ``checkpoint``.
 
     ``need`` selects the fields: ``grads`` (``{block: [n, rows, cols]}`` per-example
@@ -178,7 +179,8 @@ def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
     the CPU), and stored. ``dtype``: float32/float64, or bfloat16/float16 autocast with
     float32 features (see the module docstring). ``projection`` projects the gradients
     during extraction. ``force`` recomputes regardless; ``keep_chunks`` keeps the chunk files
-    after assembly. The tensors returned are on the CPU, memory-mapped from the files.
+    after assembly. ``trust_remote_code`` lets a model loaded by path run its own code (the
+    CLI's explicit ``--trust-remote-code``). The tensors returned are on the CPU, memory-mapped from the files.
     """
     run = run if isinstance(run, RunDir) else RunDir(run)
     unknown = set(need) - KNOWN_NEEDS
@@ -225,7 +227,8 @@ def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
         distributed.agree(lambda: state.update(_compute_chunks(
             run, name, split, examples, ids, sorted(missing), keys, folder, ranges, world,
             batch_size=batch_size, dtype=dtype, device=dev, rep_layer=rep_layer, rep_pooling=rep_pooling,
-            projection=projection, force=force)), f"extracting {split} features", world)
+            projection=projection, force=force, trust_remote_code=trust_remote_code)),
+            f"extracting {split} features", world)
         model, formatter = state.get("model"), state.get("formatter")
         args = {**arguments, "batch_size": batch_size, "chunk_size": chunk_size, "device": str(dev),
                 "compute_dtype": _dtype_name(dtype), "world_size": world.size,
@@ -249,7 +252,8 @@ def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
     features = Features(ids=ids, grads=pick("grads", {}), reps=pick("reps", None), kfac=pick("kfac", None))
     if "hvp" in need:
         if model is None or split != "train":
-            features.hvp = build_hvp(run, name, batch_size, dtype=dtype, device=dev)
+            features.hvp = build_hvp(run, name, batch_size, dtype=dtype, device=dev,
+                                     trust_remote_code=trust_remote_code)
         else:
             encoded = [formatter.encode(ex) for ex in examples]
             features.hvp = make_hvp(model, encoded, formatter.tokenizer.pad_token_id, batch_size=batch_size)
@@ -259,7 +263,8 @@ def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
 def _compute_chunks(run: RunDir, name: str, split: str, examples, ids: list[str], missing: list[str],
                     keys: dict[str, str], folder: Path, ranges: list[tuple[int, int]], world, *,
                     batch_size: int, dtype: torch.dtype, device: torch.device, rep_layer: int,
-                    rep_pooling: str, projection: Optional[ProjectionSpec], force: bool) -> dict[str, Any]:
+                    rep_pooling: str, projection: Optional[ProjectionSpec], force: bool,
+                    trust_remote_code: bool = False) -> dict[str, Any]:
     """Compute and store this rank's unfinished chunks of ``missing``; returns the model
     and formatter if it loaded them (for the HVP), else an empty dict."""
     todo: list[tuple[int, set[str]]] = []
@@ -274,7 +279,7 @@ def _compute_chunks(run: RunDir, name: str, split: str, examples, ids: list[str]
         log(f"{folder}: {split}: {done} of {len(ranges)} chunk(s) already finished, reusing them")
     if not todo:
         return {}
-    model, formatter = _load_model(run, name, dtype, device)
+    model, formatter = _load_model(run, name, dtype, device, trust_remote_code)
     projector = None
     if projection is not None and any("grads" in need for _, need in todo):
         shapes = {b: tuple(m.weight.shape) for b, m in lora_modules(model).items()}
@@ -320,7 +325,8 @@ def _assemble(folder: Path, split: str, missing: list[str], keys: dict[str, str]
 
 
 def build_hvp(run: RunDir | str | Path, checkpoint: str, batch_size: int = 8, *,
-              dtype: torch.dtype = torch.float32, device: Optional[str | torch.device] = None) -> HVP:
+              dtype: torch.dtype = torch.float32, device: Optional[str | torch.device] = None,
+              trust_remote_code: bool = False) -> HVP:
     """Hessian-vector products of the run's mean training loss at ``checkpoint`` (see
     :func:`llm_influence.features.hvp.make_hvp`); loads the fine-tuned model once, in
     ``dtype`` on ``device`` (float32 for the half dtypes: no autocast), and keeps it for the
@@ -332,6 +338,6 @@ def build_hvp(run: RunDir | str | Path, checkpoint: str, batch_size: int = 8, *,
     examples = _split_examples(run, "train")
     if not examples:
         raise UserError(f"{run.path}: no training examples for Hessian-vector products")
-    model, formatter = _load_model(run, name, dtype, dev)
+    model, formatter = _load_model(run, name, dtype, dev, trust_remote_code)
     encoded = [formatter.encode(ex) for ex in examples]
     return make_hvp(model, encoded, formatter.tokenizer.pad_token_id, batch_size=batch_size)
