@@ -42,6 +42,14 @@ def run(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def private_registry(monkeypatch):
+    """The plugin's method is registered in a copy of the registry, gone after the test."""
+    from llm_influence.methods import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+
 def test_readme_method_runs_through_attribute_and_evaluate(run, tmp_path, capsys):
     plugin = tmp_path / "my_methods.py"
     plugin.write_text(readme_method_example(), encoding="utf-8")

@@ -258,6 +258,7 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
             _attach_history(run, checkpoint, train, test, args, dtype)
         for name, kwargs, key, path in todo:
             method = make_method(name, **kwargs)
+            log(f"{name} ({checkpoint}): fitting on {train.n} training examples, scoring {test.n} test examples")
             t1 = time.time()
             scores = score_matrix(method, train, test, chunk_size=args.chunk_size, world=world)
             seconds = time.time() - t1
