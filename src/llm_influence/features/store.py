@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from ..data.example import Example
-from ..io_utils import atomic_path, write_json
+from ..io_utils import atomic_path, sha256_file, write_json
 from ..progress import log
 from .types import Features, KFACFactors
 
@@ -73,14 +73,6 @@ SPLITS = ("train", "test")
 
 # ---------------------------------------------------------------------------------------
 # digests and keys
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def adapter_digest(folder: str | Path) -> str:
