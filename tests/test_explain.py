@@ -20,16 +20,9 @@ from llm_influence.explain import ExplainArgs, Query, args_from_run, explain
 from llm_influence.models import LoraSpec
 from llm_influence.rundir import RunDir, write_examples
 from llm_influence.training import finetune
+from test_attribute import _task  # the same six-example colours task
 
 METHODS = ("gradsim", "datainf", "repsim")
-
-
-def _task():
-    train = [Example(f"t{i}", f"Question {i}: name colour {i % 2}?", ["red sky", "green grass"][i % 2] + f" {i}",
-                     ["red", "green"][i % 2]) for i in range(6)]
-    test = [Example(f"q{i}", f"Question {10 + i}: name colour {i}?", ["red sky", "green grass"][i], ["red", "green"][i])
-            for i in range(2)]
-    return TaskData("colours", train, test)
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,8 @@ from typing import Any, Iterator, Optional, Sequence
 from .attribute import AttributeArgs, attribute, read_scores
 from .config import TrainArgs
 from .data.example import Example
-from .data.jsonl import iter_json_objects, read_examples
-from .errors import UserError, input_error
+from .data.jsonl import iter_json_objects, read_examples, string_field, unique_id
+from .errors import UserError
 from .evaluation.metrics import rank_training
 from .features import store as feature_store
 from .io_utils import atomic_path, publish_dir
@@ -124,21 +124,9 @@ def read_queries(path: str | Path) -> list[Query]:
     queries: list[Query] = []
     seen: dict[str, int] = {}
     for row, (number, obj) in enumerate(iter_json_objects(path)):
-        prompt = obj.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise input_error(path, number, "prompt", "missing or empty" if not isinstance(prompt, str) or not prompt
-                              else "empty")
-        response = obj.get("response")
-        if response is not None and (not isinstance(response, str) or not response.strip()):
-            raise input_error(path, number, "response", "expected a non-empty string")
-        raw_id = obj.get("id", f"q{row}")
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
-            raise input_error(path, number, "id", "expected a non-empty string or integer")
-        qid = str(raw_id)
-        if qid in seen:
-            raise input_error(path, number, "id", f"duplicate id {qid!r} (first on line {seen[qid]})")
-        seen[qid] = number
-        queries.append(Query(qid, prompt, response))
+        prompt = string_field(path, number, obj, "prompt")
+        response = string_field(path, number, obj, "response") if "response" in obj else None
+        queries.append(Query(unique_id(path, number, obj, "id", f"q{row}", seen), prompt, response))
     if not queries:
         raise UserError(f"{path}: empty file (no queries)")
     return queries

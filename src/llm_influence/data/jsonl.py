@@ -67,7 +67,7 @@ def _check_text(path: Path, number: int, name: str, value: str) -> str:
     return value
 
 
-def _string_field(path: Path, number: int, obj: dict, name: str, allow_empty: bool = False) -> str:
+def string_field(path: Path, number: int, obj: dict, name: str, allow_empty: bool = False) -> str:
     if name not in obj:
         raise input_error(path, number, name, "missing")
     value = obj[name]
@@ -76,6 +76,24 @@ def _string_field(path: Path, number: int, obj: dict, name: str, allow_empty: bo
     if not allow_empty and not value.strip():
         raise input_error(path, number, name, "empty")
     return _check_text(path, number, name, value)
+
+
+def unique_id(path: Path, number: int, obj: dict, id_field: str | None, default: str, seen: dict[str, int]) -> str:
+    """The line's id (``obj[id_field]``: a non-empty string or an integer, else ``default``),
+    checked against and recorded in ``seen`` (``{id: line}``), so duplicates name both lines."""
+    if id_field is not None and id_field in obj:
+        raw_id = obj[id_field]
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+            raise input_error(path, number, id_field, f"expected a string or integer, got {type(raw_id).__name__}")
+        ex_id = _check_text(path, number, id_field, str(raw_id))
+        if not ex_id.strip():
+            raise input_error(path, number, id_field, "empty")
+    else:
+        ex_id = default
+    if ex_id in seen:
+        raise input_error(path, number, id_field or "id", f"duplicate id {ex_id!r} (first on line {seen[ex_id]})")
+    seen[ex_id] = number
+    return ex_id
 
 
 def read_examples(
@@ -115,24 +133,13 @@ def read_examples_with_lines(
     lines: list[int] = []
     seen: dict[str, int] = {}
     for row, (number, obj) in enumerate(iter_json_objects(path)):
-        prompt = _string_field(path, number, obj, prompt_field)
-        response = _string_field(path, number, obj, response_field)
+        prompt = string_field(path, number, obj, prompt_field)
+        response = string_field(path, number, obj, response_field)
         if required_groups or group_field in obj:
-            group = _string_field(path, number, obj, group_field)
+            group = string_field(path, number, obj, group_field)
         else:
             group = ""
-        if id_field is not None and id_field in obj:
-            raw_id = obj[id_field]
-            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-                raise input_error(path, number, id_field, f"expected a string or integer, got {type(raw_id).__name__}")
-            ex_id = _check_text(path, number, id_field, str(raw_id))
-            if not ex_id.strip():
-                raise input_error(path, number, id_field, "empty")
-        else:
-            ex_id = f"{id_prefix}{row}"
-        if ex_id in seen:
-            raise input_error(path, number, id_field or "id", f"duplicate id {ex_id!r} (first on line {seen[ex_id]})")
-        seen[ex_id] = number
+        ex_id = unique_id(path, number, obj, id_field, f"{id_prefix}{row}", seen)
         examples.append(Example(id=ex_id, prompt=prompt, response=response, group=group))
         lines.append(number)
     if not examples:
