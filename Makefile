@@ -1,5 +1,8 @@
-# Quick start:  make demo   (set up, then the benchmark: reproduce --profile cpu on the embedded model)
-#               make test   (set up, then run the test suite)
+# Quick start:  make demo       (set up, then a first real result in ~15 min: mixed-small and backdoor-1,
+#                               every paper method, report and explorer -> runs/demo)
+#               make test       (set up, then run the test suite)
+#               make reproduce  (every number, table and figure of the README and results/cpu:
+#                               all tasks, 3 seeds for mixed-small and backdoor-1, every study -> results/cpu)
 # The data directory defaults to ../shared/data; override with DATA=/path/to/data.
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 export LLM_INFLUENCE_DATA ?= $(DATA)
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo reproduce test test-slow clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +26,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/llm-influence reproduce --profile cpu --out runs/cpu
+	$(BIN)/llm-influence reproduce --profile cpu --tasks mixed-small,backdoor-1 --studies '' --out runs/demo
+
+# Regenerates results/cpu (keep the command in step with README "Results"); the runs stay in runs/cpu.
+reproduce: $(STAMP)
+	$(BIN)/llm-influence reproduce --profile cpu --seeds 3 --seed-tasks mixed-small,backdoor-1 --out runs/cpu
+	rm -rf results/cpu && mkdir -p results/cpu
+	tar -C runs/cpu --exclude=./runs -cf - . | tar -C results/cpu -xf -
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

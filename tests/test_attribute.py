@@ -50,7 +50,8 @@ def test_scores_files_with_metadata_and_independent_recomputation(run):
         assert meta["convention"] == SCORE_CONVENTION and meta["method"] == name
         assert meta["train_ids"] == [f"t{i}" for i in range(6)] and meta["test_ids"] == ["q0", "q1"]
         direct = make_method(name).fit(train).score(test)
-        torch.testing.assert_close(scores, direct.float(), rtol=1e-5, atol=1e-7)
+        assert scores.dtype == torch.float64  # stored as computed: no float32 rounding, no new ties
+        torch.testing.assert_close(scores, direct.double(), rtol=1e-12, atol=1e-15)
     # gradsim written out: <v, g_i> over all LoRA blocks
     g = torch.cat([train.flat(b) for b in train.blocks], 1).double()
     v = torch.cat([test.flat(b) for b in test.blocks], 1).double()

@@ -96,12 +96,22 @@ def test_click_test_example_shows_expected_top_k(browser_page, report, tmp_path,
         marks = page.eval_on_selector_all("#topk-list li", "els => els.map(e => e.dataset.relevant)")
         assert marks == ["1", "1", "0"]
         assert "score 2.000" in page.text_content('#topk-list li[data-rank="1"]')
+        # train-1 and train-3 tie at 2.0: both show the shared rank "#1=" and "tied"; train-0 is #3
+        ranks = page.eval_on_selector_all("#topk-list .rank", "els => els.map(e => e.textContent)")
+        assert ranks == ["#1=", "#1=", "#3"]
+        assert page.eval_on_selector_all("#topk-list li", "els => els.map(e => e.dataset.tied)") == ["1", "1", "0"]
+        assert page.eval_on_selector_all("#topk-list .tie", "els => els.length") == 2
+        assert "training-file order" in page.text_content("#tie-rule")
         # another checkpoint reorders the list (scores negated there)
         page.select_option("#checkpoint-select", label="epoch-1")
         page.click('.test-row[data-test-id="test-1"]')
         assert _topk_ids(page) == EXPECTED_TOP3[("epoch-1", "hand")][1]
-        # the Acc/Cover table shows the embedded numbers: hand at epoch-2 has Acc 100% (test-2 skipped)
-        assert page.text_content('#overview-table td[data-task="toy-a"][data-method="hand"][data-metric="acc"]') == "100.0"
+        # the Acc/Cover table shows the embedded numbers with their 95 % intervals: hand at epoch-2
+        # has Acc 100% (test-2 skipped), other 50% [0, 100]
+        cell = '#overview-table td[data-task="toy-a"][data-method="{}"][data-metric="acc"]'
+        assert page.text_content(cell.format("hand")) == "100.0 [100.0, 100.0]"
+        assert page.text_content(cell.format("other") + " .value") == "50.0"
+        assert page.text_content(cell.format("other") + " .ci") == "[0.0, 100.0]"
 
         # the <script> payload is inert and shown literally
         page.select_option("#checkpoint-select", label="epoch-2")

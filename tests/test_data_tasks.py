@@ -136,3 +136,39 @@ def test_missing_data_dir_messages(tmp_path, monkeypatch):
         load_task("mixed-small", tmp_path / "nowhere")
     with pytest.raises(UserError, match="unknown task"):
         load_task("nope", tmp_path)
+
+
+def _examples(prefix, groups):
+    return [Example(f"{prefix}{i}", f"p{i}", f"r{i}", g) for i, g in enumerate(groups)]
+
+
+def test_validation_comes_from_rows_the_test_subsample_left_out():
+    from llm_influence.data.tasks import split_validation
+
+    full = _examples("t", ["a"] * 6 + ["b"] * 6)
+    test = [e for e in full if e.id in {"t0", "t1", "t6", "t7"}]
+    kept, val = split_validation(full, test, 2, seed=5)
+    assert kept == test                                      # nothing attributed is taken
+    assert Counter(e.group for e in val) == {"a": 2, "b": 2}
+    assert not {e.id for e in val} & {e.id for e in test}    # never attributed
+    assert split_validation(full, test, 2, seed=5) == (kept, val)
+
+
+def test_validation_is_held_out_of_the_test_rows_when_all_are_attributed():
+    from llm_influence.data.tasks import split_validation
+
+    full = _examples("t", ["harmful"] * 10 + ["x"])
+    kept, val = split_validation(full, list(full), 3, seed=0)
+    assert Counter(e.group for e in val) == {"harmful": 3}   # group 'x' has one row: it stays attributed
+    assert len(kept) == 8 and not {e.id for e in val} & {e.id for e in kept}
+    assert [e.id for e in kept + val if e.group == "harmful"] != []  # file order kept in both lists
+    assert [e.id for e in kept] == [e.id for e in full if e.id not in {v.id for v in val}]
+
+
+def test_load_task_validation_rows_are_disjoint_from_attributed_rows(data_dir):
+    task = load_task("backdoor-1", data_dir, train_per_group=5, test_per_group=3, val_per_group=2)
+    assert Counter(e.group for e in task.test) == {g: 3 for g in {e.group for e in task.test}}
+    assert all(c == 2 for c in Counter(e.group for e in task.val).values())
+    assert not {e.id for e in task.val} & {e.id for e in task.test}
+    small = load_task("mixed-small", data_dir, val_per_group=8)
+    assert len(small.test) == 32 and len(small.val) == 8    # all 40 test rows attributed: 8 held out

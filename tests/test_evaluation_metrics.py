@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -18,8 +19,10 @@ from llm_influence.evaluation import (
     cover,
     evaluate_scores,
     evaluate_task,
+    TIE_RULE,
     rank_training,
     relevance_from_task,
+    tie_ranks,
 )
 
 # ----------------------------------------------------------------------------- fixtures
@@ -45,8 +48,8 @@ def _ex(i: int, group: str, split: str = "train") -> Example:
     return Example(id=f"{split}-{i}", prompt=f"p{i}", response=f"r{i}", group=group)
 
 
-def _reference(scores: np.ndarray, rel: np.ndarray, rank_by: str = "score", k=None):
-    """Independent per-row loop: Python sort with the key (-value, index)."""
+def _reference_stable(scores: np.ndarray, rel: np.ndarray, rank_by: str = "score", k=None):
+    """Acc/Cover per row of one concrete order: Python sort with the key (-value, index)."""
     accs, covs = [], []
     n_test, n_train = scores.shape
     for i in range(n_test):
@@ -58,7 +61,26 @@ def _reference(scores: np.ndarray, rel: np.ndarray, rank_by: str = "score", k=No
         ki = n_rel if k is None else min(int(k), n_train)
         accs.append(1.0 if rel[i, order[0]] else 0.0)
         covs.append(sum(bool(rel[i, j]) for j in order[:ki]) / ki)
-    return sum(accs) / len(accs), sum(covs) / len(covs)
+    return accs, covs
+
+
+def _reference(scores: np.ndarray, rel: np.ndarray, rank_by: str = "score", k=None):
+    """Expected Acc/Cover over a uniformly random order of ties, by brute force: the mean of
+    the stable-order metrics over every permutation of the training columns (each tie order
+    is produced equally often). Without ties there is one order and no enumeration."""
+    n_train = scores.shape[1]
+    key = np.abs(scores) if rank_by == "abs" else scores
+    if all(len(np.unique(row)) == n_train for row in key):
+        accs, covs = _reference_stable(scores, rel, rank_by, k)
+        return sum(accs) / len(accs), sum(covs) / len(covs)
+    assert n_train <= 7, "brute force over tie orders is for small cases"
+    acc_sum = cover_sum = 0.0
+    perms = list(itertools.permutations(range(n_train)))
+    for perm in perms:
+        accs, covs = _reference_stable(scores[:, perm], rel[:, perm], rank_by, k)
+        acc_sum += sum(accs) / len(accs)
+        cover_sum += sum(covs) / len(covs)
+    return acc_sum / len(perms), cover_sum / len(perms)
 
 
 # ----------------------------------------------------------------------------- hand-computed
@@ -76,7 +98,12 @@ def test_hand_computed_acc_and_cover():
     np.testing.assert_array_equal(m.scored, [True, True, True])
     assert acc(SCORES, REL) == pytest.approx(2 / 3)
     assert cover(SCORES, REL) == pytest.approx(1 / 3)
-    assert m.to_dict() == {"acc": m.acc, "cover": m.cover, "n_scored": 3, "n_skipped": 0, "rank_by": "score"}
+    d = m.to_dict()
+    assert {k: d[k] for k in ("acc", "cover", "n_scored", "n_skipped", "rank_by")} == {
+        "acc": m.acc, "cover": m.cover, "n_scored": 3, "n_skipped": 0, "rank_by": "score"}
+    assert d["ties"] == TIE_RULE
+    assert d["acc_ci95"][0] <= m.acc <= d["acc_ci95"][1]
+    assert d["cover_ci95"][0] <= m.cover <= d["cover_ci95"][1]
 
 
 def test_rank_training_hand_computed():
@@ -86,20 +113,54 @@ def test_rank_training_hand_computed():
     )
 
 
-def test_ties_are_broken_by_lower_training_index_first():
+def test_rank_training_breaks_ties_toward_the_lower_index_and_tie_ranks_mark_them():
     s = np.array([[0.0, 5.0, 0.0, 5.0], [1.0, 1.0, 1.0, 1.0], [-0.0, 0.0, -0.0, 0.0]])
     np.testing.assert_array_equal(rank_training(s), [[1, 3, 0, 2], [0, 1, 2, 3], [0, 1, 2, 3]])
+    np.testing.assert_array_equal(tie_ranks(s), [[1, 1, 3, 3], [1, 1, 1, 1], [1, 1, 1, 1]])
     # |-5| ties with |5|: still index order
     np.testing.assert_array_equal(rank_training(np.array([[5.0, -5.0, 1.0]]), rank_by="abs"), [[0, 1, 2]])
-    # the tie at the top between train 1 and 3 is decided for train 1
-    s1 = s[:1]
-    assert acc(s1, np.array([[0, 1, 0, 0]], dtype=bool)) == 1.0
-    assert acc(s1, np.array([[0, 0, 0, 1]], dtype=bool)) == 0.0
-    # all-equal scores: ranking is the identity, so Cover counts the first k columns
-    assert cover(s[1:2], np.array([[1, 0, 0, 1]], dtype=bool)) == pytest.approx(0.5)
-    # the same again and again (deterministic)
+    np.testing.assert_array_equal(tie_ranks(np.array([[5.0, -5.0, 1.0]]), rank_by="abs"), [[1, 1, 3]])
     for _ in range(3):
         np.testing.assert_array_equal(rank_training(s), rank_training(s.copy()))
+
+
+def test_ties_count_as_the_expected_value_over_their_order():
+    s = np.array([[0.0, 5.0, 0.0, 5.0]])
+    # the top run {1, 3} holds one relevant example: the hit is 1/2 whichever index it has
+    assert acc(s, np.array([[0, 1, 0, 0]], dtype=bool)) == 0.5
+    assert acc(s, np.array([[0, 0, 0, 1]], dtype=bool)) == 0.5
+    # k = 3 cuts into the run {0, 2} (one more to take, 1 of 2 relevant): (1 + 1/2) / 3
+    m = evaluate_scores(s, np.array([[1, 1, 0, 0]], dtype=bool), k=3)
+    assert m.per_test_cover[0] == pytest.approx(1.5 / 3)
+    # hand case: scores 3 > 1 = 1 = 1 > 0, relevant {1, 4}, k = 2: train 0 (miss) then one
+    # of the three tied (1 relevant of 3): hit 0, cover (0 + 1/3) / 2
+    m = evaluate_scores(np.array([[3.0, 1.0, 1.0, 1.0, 0.0]]), np.array([[0, 1, 0, 0, 1]], dtype=bool))
+    assert m.acc == 0.0
+    assert m.cover == pytest.approx(1 / 6)
+
+
+def test_all_equal_scores_give_the_fraction_of_relevant_rows_in_either_file_order():
+    # the mixed-small layout: 20 harmful rows first, then 20 benign; all 40 test rows harmful
+    rel = np.zeros((40, 40), dtype=bool)
+    rel[:, :20] = True
+    for layout in (rel, rel[:, ::-1].copy()):
+        m = evaluate_scores(np.zeros((40, 40)), layout)
+        assert m.acc == 0.5 and m.cover == 0.5
+        assert m.acc_ci95 == (0.5, 0.5)
+    # 3 relevant of 10: both metrics are 0.3
+    rel10 = np.zeros((2, 10), dtype=bool)
+    rel10[:, [2, 5, 9]] = True
+    m = evaluate_scores(np.full((2, 10), 7.0), rel10)
+    assert m.acc == pytest.approx(0.3) and m.cover == pytest.approx(0.3)
+
+
+def test_float32_scores_rank_like_their_float64_values():
+    # a float32 cast of nearby float64 scores would create a tie; evaluating the float64
+    # values keeps them apart (the attribute stage stores float64 for this reason)
+    s64 = np.array([[1.0 + 1e-12, 1.0]])
+    rel = np.array([[False, True]])
+    assert evaluate_scores(s64, rel).acc == 0.0
+    assert evaluate_scores(s64.astype(np.float32), rel).acc == 0.5
 
 
 def test_k_larger_than_group():
@@ -277,9 +338,9 @@ def test_bad_shapes_and_relevance_raise():
 # ----------------------------------------------------------------------------- properties
 
 @st.composite
-def _problem(draw, unique=False, elements=None):
+def _problem(draw, unique=False, elements=None, max_train=8):
     n_test = draw(st.integers(1, 6))
-    n_train = draw(st.integers(1, 8))
+    n_train = draw(st.integers(1, max_train))
     if elements is None:
         elements = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
     scores = draw(hnp.arrays(np.float64, (n_test, n_train), elements=elements, unique=unique))
@@ -301,9 +362,9 @@ def test_property_metrics_in_unit_interval(problem, rank_by, k):
 
 
 @settings(max_examples=200, deadline=None)
-@given(_problem(elements=st.integers(-3, 3).map(float)), st.sampled_from(["score", "abs"]),
+@given(_problem(elements=st.integers(-3, 3).map(float), max_train=6), st.sampled_from(["score", "abs"]),
        st.one_of(st.none(), st.integers(1, 12)))
-def test_property_matches_reference_loop_with_ties(problem, rank_by, k):
+def test_property_matches_brute_force_over_tie_orders(problem, rank_by, k):
     scores, rel = problem
     m = evaluate_scores(scores, rel, rank_by=rank_by, k=k)
     ref_acc, ref_cover = _reference(scores, rel, rank_by, k)
@@ -332,7 +393,7 @@ def test_property_oracle_scores_are_perfect(problem):
 def test_property_permuting_training_columns_leaves_metrics_unchanged(problem, rank_by, k, rnd):
     scores, rel = problem
     key = np.abs(scores) if rank_by == "abs" else scores
-    assume(len(np.unique(key)) == key.size)  # no ties under this ranking
+    assume(len(np.unique(key)) == key.size)  # no ties under this ranking (ties: the next test)
     perm = list(range(scores.shape[1]))
     rnd.shuffle(perm)
     a = evaluate_scores(scores, rel, rank_by=rank_by, k=k)
@@ -344,3 +405,21 @@ def test_property_permuting_training_columns_leaves_metrics_unchanged(problem, r
     # the ranking maps through the permutation
     np.testing.assert_array_equal(np.asarray(perm)[rank_training(scores[:, perm], rank_by)],
                                   rank_training(scores, rank_by))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_problem(elements=st.sampled_from([-1.0, 0.0, 0.5, 1.0])), st.sampled_from(["score", "abs"]),
+       st.one_of(st.none(), st.integers(1, 12)), st.randoms(use_true_random=False))
+def test_property_permutation_invariance_with_many_ties(problem, rank_by, k, rnd):
+    scores, rel = problem
+    perm = list(range(scores.shape[1]))
+    rnd.shuffle(perm)
+    a = evaluate_scores(scores, rel, rank_by=rank_by, k=k)
+    b = evaluate_scores(scores[:, perm], rel[:, perm], rank_by=rank_by, k=k)
+    assert a.acc == pytest.approx(b.acc, abs=1e-12)
+    assert a.cover == pytest.approx(b.cover, abs=1e-12)
+    np.testing.assert_allclose(a.per_test_hit, b.per_test_hit, atol=1e-12)
+    np.testing.assert_allclose(a.per_test_cover, b.per_test_cover, atol=1e-12)
+    # tie ranks are a property of the scores, not of the column order
+    np.testing.assert_array_equal(np.sort(tie_ranks(scores, rank_by), axis=1),
+                                  np.sort(tie_ranks(scores[:, perm], rank_by), axis=1))

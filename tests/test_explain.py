@@ -1,12 +1,15 @@
 """`explain` on tiny-llama: the ranking equals the attribute stage's on the same run, a
 second query reuses the training features (only the query goes through the model), the
 generated response is the greedy one, the fresh-LoRA path equals projected full-weight
-gradients, and the CLI's JSON / CSV / batch modes and errors."""
+gradients, tied scores share their rank in every output, and the CLI's JSON / CSV / batch
+modes and errors."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +18,9 @@ from llm_influence.attribute import AttributeArgs, attribute, read_scores
 from llm_influence.cli import main
 from llm_influence.config import TrainArgs
 from llm_influence.data import Example, TaskData
-from llm_influence.evaluation.metrics import rank_training
-from llm_influence.explain import ExplainArgs, Query, args_from_run, explain
+from llm_influence.evaluation.metrics import rank_training, tie_ranks
+from llm_influence.explain import (TIE_NOTE, Explanation, ExplainArgs, ExplainResult, Query, args_from_run, explain,
+                                   print_tables, to_json, top_influencers, write_csv)
 from llm_influence.models import LoraSpec
 from llm_influence.rundir import RunDir, write_examples
 from llm_influence.training import finetune
@@ -63,7 +67,7 @@ def test_explain_ranks_like_attribute_on_the_run(run, tmp_path):
             assert not e.generated and e.query.response == task.test[i].response
             got = e.top[method]
             assert [x.id for x in got] == [meta["train_ids"][j] for j in order[i, :4].tolist()]
-            assert [x.rank for x in got] == [1, 2, 3, 4]
+            assert [x.rank for x in got] == tie_ranks(scores)[i, :4].tolist()
             torch.testing.assert_close(torch.tensor([x.score for x in got]), scores[i, order[i, :4]],
                                        rtol=1e-5, atol=1e-7)
             assert [x.group for x in got] == [task.train[j].group for j in order[i, :4].tolist()]
@@ -151,13 +155,43 @@ def test_cli_batch_json_and_csv(run, tmp_path, capsys):
     assert main(common + ["--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [q["id"] for q in data["queries"]] == ["first", "q1"]
+    assert data["ties"] == TIE_NOTE
+    assert all(isinstance(x["tied"], bool) and x["rank"] >= 1 for q in data["queries"] for m in q["top"].values()
+               for x in m)
     assert all(len(q["top"][m]) == 3 for q in data["queries"] for m in ("gradsim", "repsim"))
     assert main(common + ["--csv", str(tmp_path / "out.csv")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "out.csv", encoding="utf-8")))
     assert len(rows) == 2 * 2 * 3
     first_gradsim = [r["train_id"] for r in rows if r["query_id"] == "first" and r["method"] == "gradsim"]
     assert first_gradsim == [x["id"] for x in data["queries"][0]["top"]["gradsim"]]
+    assert [r["tied"] for r in rows[:3]] == [str(int(x["tied"])) for x in data["queries"][0]["top"]["gradsim"]]
     assert float(rows[0]["score"]) == data["queries"][0]["top"]["gradsim"][0]["score"]
+
+
+def test_tied_scores_share_their_rank_in_every_output(tmp_path):
+    train = [Example(f"t{j}", f"prompt {j}", f"response {j}", "ab"[j % 2]) for j in range(5)]
+    # scores: t1 and t3 tie for the top, t0 is third, t2 and t4 tie last (t4 beyond the top 4)
+    scores = torch.tensor([[0.5, 2.0, -1.0, 2.0, -1.0]], dtype=torch.float64)
+    (rows,) = top_influencers(scores, train, top=4)
+    assert [(x.id, x.rank, x.tied) for x in rows] == [("t1", 1, True), ("t3", 1, True), ("t0", 3, False),
+                                                       ("t2", 4, True)]
+    assert [x.score for x in rows] == [2.0, 2.0, 0.5, -1.0]
+    result = ExplainResult([Explanation(Query("q", "a prompt", "a response"), False, {"repsim": rows})],
+                           Path("query-run"), 0.0, False)
+    data = to_json(result)
+    assert data["ties"] == TIE_NOTE and "training-file order" in TIE_NOTE
+    assert [(x["rank"], x["tied"]) for x in data["queries"][0]["top"]["repsim"]] == \
+        [(1, True), (1, True), (3, False), (4, True)]
+    csv_rows = list(csv.DictReader(open(write_csv(tmp_path / "t.csv", result), encoding="utf-8")))
+    assert [(r["train_id"], r["rank"], r["tied"]) for r in csv_rows] == \
+        [("t1", "1", "1"), ("t3", "1", "1"), ("t0", "3", "0"), ("t2", "4", "1")]
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    print_tables(result, console)
+    text = console.file.getvalue()
+    assert [line.split()[1] for line in text.splitlines() if " t" in line and "│" in line] == ["1=", "1=", "3", "4="]
+    assert text.count("Ties: ") == 1 and f"Ties: {TIE_NOTE}." in " ".join(text.split())
 
 
 @pytest.mark.parametrize("line, message", [

@@ -118,6 +118,9 @@ def test_top_by_method_ranks_by_score_with_ties_to_the_lower_index():
     assert top_by_method(scores, train, 1)["datainf"].id == "tr2"
     with pytest.raises(ValueError):
         top_by_method(scores, train, 2)
+    # how many others share the top score: gradsim's row 0 ties tr0/tr1, row 1 ties all three
+    assert tops.tied_with == {"datainf": 0, "gradsim": 1, "repsim": 0}
+    assert top_by_method(scores, train, 1).tied_with == {"datainf": 0, "gradsim": 2, "repsim": 2}
 
 
 def test_showcase_figure_and_markdown(tmp_path):
@@ -132,3 +135,15 @@ def test_showcase_figure_and_markdown(tmp_path):
     # a custom relevance rule replaces "same group"
     md2 = showcase_markdown(test, tops, relevant=lambda t, e: e.id == "tr0")
     assert "| benign | yes |" in md2 and "| harmful | no |" in md2
+    assert "tied" not in md
+
+
+def test_showcase_says_when_the_top_score_is_tied(tmp_path):
+    train, test = _examples()
+    tops = top_by_method({"gradsim": torch.tensor([[0.5, 0.5, 0.5]]), "repsim": torch.tensor([[0.1, 0.9, 0.9]])},
+                         train, 0)
+    md = showcase_figure(test, tops, tmp_path / "showcase.png", dpi=40)
+    _assert_png(tmp_path / "showcase.png")
+    assert "| GradSim | How do vaccines work? (tied with 2 others; the first in training-file order is shown) " \
+           "| benign | no |" in md
+    assert "(tied with 1 other;" in md and "| harmful | yes |" in md

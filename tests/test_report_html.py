@@ -1,6 +1,6 @@
 """The HTML explorer (``llm-influence report``): the embedded data equal what the scores
 files, ``rank_training`` and ``evaluate_scores`` give; dataset text cannot break out of the
-data block; heatmap aggregation; the CLI's errors. Synthetic run directories with
+data block; heatmap aggregation; tie ranks and 95 % intervals; the CLI's errors. Synthetic run directories with
 hand-written scores, so every expected top-k list is known exactly."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from llm_influence.attribute import _write_scores, read_scores
 from llm_influence.cli import main
 from llm_influence.data.example import Example
-from llm_influence.evaluation.metrics import rank_training
+from llm_influence.evaluation.metrics import evaluate_scores, rank_training, tie_ranks
 from llm_influence.evaluation.run_metrics import evaluate_run
 from llm_influence.report.figures import normalize_rows
 from llm_influence.report.html import block_mean, embed_json, extract_payload, write_html_report
@@ -139,6 +139,21 @@ def test_top_k_ids_are_the_hand_computed_ones(page):
     assert m["k"][:2] == [2, 3]
 
 
+def test_tied_scores_share_their_competition_rank(page):
+    html, payload = page
+    m = _method(_task(payload, "toy-a"), "epoch-2", "hand")
+    # row 0: train-1 and train-3 tie at 2.0; row 1: train-2 and train-4 at 3.0; row 2: train-0..3
+    # tie at 0.0 behind train-5 (the tie runs past the top 3, so the last shown entry is tied too)
+    assert m["topk_rank"] == [[1, 1, 3], [1, 1, 3], [1, 2, 2]]
+    assert m["topk_tied"] == [[1, 1, 0], [1, 1, 0], [0, 1, 1]]
+    assert m["topk_rank"] == tie_ranks(HAND.double().numpy())[:, :3].tolist()
+    # the page says the rule, and the list labels a tied rank "N=" and marks it "tied"
+    assert "share a rank" in html and "listed in training-file order" in html
+    assert "expected value over a uniformly random" in html
+    script = html[html.rindex("<script>") + 8:html.rindex("</script>")]
+    assert '"#" + m.topk_rank[i][r] + (tied ? "=" : "")' in script and '"tied")' in script
+
+
 def test_embedded_data_equal_scores_files_and_metrics(page, output):
     _, payload = page
     assert [t["name"] for t in payload["tasks"]] == ["toy-b", "toy-a"]     # results.json's order
@@ -161,6 +176,11 @@ def test_embedded_data_equal_scores_files_and_metrics(page, output):
                                            rtol=1e-5)
                 ref = metrics["checkpoints"][ck["name"]][m["name"]]
                 assert (m["acc"], m["cover"]) == (ref["acc"], ref["cover"])
+                assert (m["acc_ci95"], m["cover_ci95"]) == (ref["acc_ci95"], ref["cover_ci95"])
+                fresh = evaluate_scores(scores, loaded.relevance_matrix())
+                assert m["acc_ci95"] == list(fresh.acc_ci95) and m["cover_ci95"] == list(fresh.cover_ci95)
+                assert m["acc_ci95"][0] <= m["acc"] <= m["acc_ci95"][1]
+                assert m["cover_ci95"][0] <= m["cover"] <= m["cover_ci95"][1]
 
 
 def test_heatmap_is_group_ordered_rank_percentiles(page):
@@ -231,6 +251,16 @@ def test_dataset_text_cannot_break_out(page):
     script = html[html.rindex("<script>") + 8:html.rindex("</script>")]
     assert "innerHTML" not in script and "insertAdjacentHTML" not in script and "document.write" not in script
     assert embed_json({"x": "</script><!--&"}) == '{"x":"\\u003c/script\\u003e\\u003c!--\\u0026"}'
+
+
+def test_the_tables_show_each_value_with_its_interval(page):
+    html, payload = page
+    m = _method(_task(payload, "toy-a"), "epoch-2", "other")
+    assert m["acc_ci95"] == [0.0, 1.0] and m["acc"] == 0.5       # random scores: a real interval
+    script = html[html.rindex("<script>") + 8:html.rindex("</script>")]
+    assert 'ci(m[key + "_ci95"])' in script                       # the overview table's cells
+    assert "withCi(m.acc, m.acc_ci95" in script and "withCi(m.cover, m.cover_ci95" in script
+    assert "95 % bootstrap interval" in script
 
 
 def test_content_security_policy_allows_only_the_page_script(page):

@@ -21,7 +21,9 @@ def _task(n=12):
              for i in range(n)]
     test = [Example(f"v{i}", f"Say the colour number {i}.", ["red", "green", "blue"][i] + " it is.", str(i))
             for i in range(3)]
-    return TaskData("colours", train, test)
+    val = [Example(f"w{i}", f"Name the colour number {i}.", ["red", "green", "blue"][i] + " it is.", str(i))
+           for i in range(3)]
+    return TaskData("colours", train, test, val=val)
 
 
 ARGS = TrainArgs(epochs=3, batch_size=4, lr=3e-3, max_length=64, seed=7, eval_batch_size=8)
@@ -124,23 +126,24 @@ def test_learning_rate_schedule():
     assert [round(lr_at(s, 10, args), 6) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
 
 
-def test_validation_uses_the_stratified_subset(tmp_path):
-    from llm_influence.data import subsample
+def test_validation_uses_the_held_out_examples_and_never_the_test_split(tmp_path):
     from llm_influence.models import ChatFormatter, attach_lora, load_model
     from llm_influence.training import mean_loss
 
     task = _task()
-    task.test = [Example(f"v{i}", f"Say colour {i}.", ["red", "green", "blue"][i % 3] + " it is.", str(i % 3))
-                 for i in range(6)]
-    args = TrainArgs(**{**ARGS.__dict__, "epochs": 1, "val_per_group": 1})
+    args = TrainArgs(**{**ARGS.__dict__, "epochs": 1})
     finetune(tmp_path / "run", task, model_name="tiny-llama", lora=LORA, args=args)
     val0 = _epochs(tmp_path / "run")[0]["val_loss"]
     model, tok, _ = load_model("tiny-llama")
     model = attach_lora(model, LORA, seed=args.seed)
     fmt = ChatFormatter(tok, max_length=args.max_length)
-    chosen = subsample(task.test, 1, args.seed)
-    assert len(chosen) == 3
-    expected = mean_loss(model, [fmt.encode(e) for e in chosen], tok.pad_token_id, 8)
-    everything = mean_loss(model, [fmt.encode(e) for e in task.test], tok.pad_token_id, 8)
+    expected = mean_loss(model, [fmt.encode(e) for e in task.val], tok.pad_token_id, 8)
+    on_test = mean_loss(model, [fmt.encode(e) for e in task.test], tok.pad_token_id, 8)
     assert val0 == pytest.approx(expected, rel=1e-6)
-    assert val0 != pytest.approx(everything, rel=1e-6)
+    assert val0 != pytest.approx(on_test, rel=1e-6)
+    # the run keeps its validation examples beside train/test, and they are not attributed
+    from llm_influence.rundir import RunDir
+
+    saved = RunDir(tmp_path / "run").load_task()
+    assert [e.id for e in saved.val] == [e.id for e in task.val]
+    assert not {e.id for e in saved.val} & {e.id for e in saved.test}

@@ -56,7 +56,8 @@ from .progress import log
 from .rundir import RunDir
 
 DEFAULT_METHODS = ("datainf", "lissa", "gradsim", "repsim", "exact")
-SCORES_FORMAT = 1
+#: 2: scores stored as float64 (format 1 stored float32, which created ties); old files still read
+SCORES_FORMAT = 2
 #: methods whose columns do not depend on the other training examples (scored chunk by chunk)
 COLUMN_SEPARABLE = frozenset({"gradsim", "gradsim-cos", "repsim", "tracin"})
 
@@ -155,7 +156,9 @@ def _scores_key(run: RunDir, checkpoint: str, name: str, kwargs: dict, args: Att
 
 
 def read_scores(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``(scores [n_test, n_train], metadata)`` of a scores file (metadata values decoded)."""
+    """``(scores [n_test, n_train] float64, metadata)`` of a scores file (metadata values
+    decoded). Files written before format 2 hold float32 scores; they are read and widened
+    exactly (their ranking is that of the stored float32 values)."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -164,7 +167,7 @@ def read_scores(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
     except Exception as exc:  # safetensors raises several types for truncated files
         raise UserError(f"{path}: unreadable scores file ({type(exc).__name__})") from None
     meta = {k: json.loads(v) for k, v in raw.items()}
-    return scores, meta
+    return scores.to(torch.float64), meta
 
 
 def _write_scores(path: Path, scores: torch.Tensor, meta: dict[str, Any]) -> None:
@@ -272,7 +275,7 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
             if projection is not None:
                 meta["projection"] = projection.to_dict()
             if world.is_main:
-                _write_scores(path, scores.float(), meta)
+                _write_scores(path, scores.to(torch.float64), meta)
             distributed.barrier(world)
             results.append(MethodResult(name, checkpoint, path, tuple(scores.shape), seconds, method.diagnostics))
     return results

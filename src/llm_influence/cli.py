@@ -65,8 +65,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--early-stopping", dest="early_stopping", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--patience", type=int)
     g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--validation", choices=["test", "none"])
-    g.add_argument("--val-per-group", type=int, help="cap the validation examples per group")
+    g.add_argument("--validation", choices=["held-out", "none"],
+                   help="held-out: validation loss and early stopping on test-file rows that are never "
+                        "attributed (from the rows the test subsample left out, else held out of it); "
+                        "none: no validation")
+    g.add_argument("--val-per-group", type=int, help="validation examples per group (held out, never attributed)")
     g.add_argument("--autocast", choices=["none", "bf16"], help="bfloat16 autocast for the training step")
     l = p.add_argument_group("LoRA (defaults: the paper's r=4, alpha=32, dropout 0.1 on q_proj,v_proj)")
     l.add_argument("--lora-r", type=int)
@@ -77,6 +80,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data subsampling (defaults come from the profile)")
     d.add_argument("--train-per-group", type=_per_group, help="cap per group, or 'all'")
     d.add_argument("--test-per-group", type=_per_group, help="cap per group, or 'all'")
+    d.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the train/test/validation subsamples (default 0; --seed seeds training only)")
 
 
 def _train_overrides(ns: argparse.Namespace, args) -> Any:
@@ -138,9 +143,11 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     test_pg = tp.test_per_group if ns.test_per_group is None else (None if ns.test_per_group == "all" else ns.test_per_group)
     args = _train_overrides(ns, profile.train_args(ns.task))
     lora = _lora_overrides(ns, profile.lora)
-    task = load_task(ns.task, ns.data_dir, train_per_group=train_pg, test_per_group=test_pg, seed=args.seed)
+    task = load_task(ns.task, ns.data_dir, train_per_group=train_pg, test_per_group=test_pg, seed=ns.data_seed,
+                     val_per_group=args.validation_per_group())
     result = finetune(ns.out, task, model_name=model, lora=lora, args=args, trust_remote_code=ns.trust_remote_code,
-                      task_config={"profile": profile.name, "train_per_group": train_pg, "test_per_group": test_pg})
+                      task_config={"profile": profile.name, "train_per_group": train_pg, "test_per_group": test_pg,
+                                   "data_seed": ns.data_seed})
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     log(f"fine-tuned {model} on {ns.task} ({len(task.train)} train): {result.epochs_done} epochs"
         f"{' (early stop)' if result.stopped_early else ''}{val}; adapters in {result.run / 'checkpoints'}")
@@ -257,7 +264,8 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
                          lissa_scale=ns.lissa_scale, batch_size=ns.batch_size, **_scale_args(ns))
     studies = [x.strip() for x in ns.studies.split(",") if x.strip()] if ns.studies is not None else None
     results = reproduce(ns.profile, ns.out, tasks=tasks, methods=methods, data_dir=ns.data_dir, model=ns.model,
-                        rank_by=ns.rank_by, attribute_args=args, studies=studies)
+                        rank_by=ns.rank_by, attribute_args=args, studies=studies, seeds=ns.seeds,
+                        seed_tasks=[t.strip() for t in ns.seed_tasks.split(",") if t.strip()] if ns.seed_tasks else None)
     from .distributed import current
 
     if current().rank != 0:  # torchrun: rank 0 prints the tables
@@ -400,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="cpu", help="smoke, cpu (default) or paper")
     p.add_argument("--out", required=True, help="output directory (runs/, results.json, report.md, figures/)")
     p.add_argument("--tasks", help="comma-separated (default: the paper's eight tasks)")
-    p.add_argument("--methods", help="comma-separated (default: datainf,lissa,gradsim,repsim)")
+    p.add_argument("--methods", help="comma-separated (default: datainf,lissa,gradsim,repsim,exact, as attribute)")
     p.add_argument("--model", help="override the profile's model")
     p.add_argument("--rank-by", choices=["score", "abs"], default="score")
     p.add_argument("--damping", type=_damping, default=None)
@@ -410,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="feature extraction batch size")
     _add_scale_flags(p)
     p.add_argument("--studies", help="comma-separated studies to run after the tasks (default: all; '' for none)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="fine-tuning seeds per task (the profile's seed, +1, ...); tables add mean +- std")
+    p.add_argument("--seed-tasks", help="comma-separated tasks that get --seeds seeds (default: every task)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("explain", help="rank the training examples that most influenced a model's response")

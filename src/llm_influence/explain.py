@@ -5,7 +5,11 @@ Given a model (a base model plus a peft adapter, or a full model), its training 
 optionally, the response to explain; without one the model's greedy response is generated
 and explained), every chosen method scores every training example for every query and the
 top ``k`` are returned, most influential first (the scores convention of
-:data:`llm_influence.methods.SCORE_CONVENTION`).
+:data:`llm_influence.methods.SCORE_CONVENTION`). Ranking is the metrics' one
+(:func:`~llm_influence.evaluation.metrics.rank_training`): equal scores are listed in
+training-file order and share their competition rank (``1, 2, 2, 4``,
+:func:`~llm_influence.evaluation.metrics.tie_ranks`), shown as ``2=`` in the tables and as
+``"rank"`` / ``"tied"`` in JSON and CSV (:data:`TIE_NOTE`).
 
 Under the hood a *query run* is built in the cache (``$LLM_INFLUENCE_CACHE/explain/KEY``):
 a run directory whose ``data/train.jsonl`` is the training set, whose ``data/test.jsonl``
@@ -33,12 +37,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
+
 from .attribute import AttributeArgs, attribute, read_scores
 from .config import TrainArgs
 from .data.example import Example
 from .data.jsonl import iter_json_objects, read_examples, string_field, unique_id
 from .errors import UserError
-from .evaluation.metrics import rank_training
+from .evaluation.metrics import rank_training, tie_ranks
 from .features import store as feature_store
 from .io_utils import atomic_path, publish_dir
 from .methods import get_method_class
@@ -50,6 +56,9 @@ DEFAULT_EXPLAIN_METHODS = ("repsim", "datainf")
 QUERY_RUN_FORMAT = 1
 CHECKPOINT = "epoch-1"
 _QUERY_PREFIX = "query-"
+#: the tie rule, said once in every output
+TIE_NOTE = ("training examples with equal scores share their competition rank (1, 2, 2, 4; marked tied, "
+            "'2=' in tables) and are listed in training-file order")
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,9 @@ class ExplainArgs:
 @dataclass
 class Influencer:
     """A training example in a query's top-k; ``score`` in the method's units (higher =
-    more helpful to the query's response)."""
+    more helpful to the query's response). ``rank`` is the 1-based competition rank shared
+    by equal scores (``1, 2, 2, 4``); ``tied`` says whether another training example (shown
+    or not) has exactly this score."""
 
     rank: int
     score: float
@@ -101,6 +112,7 @@ class Influencer:
     group: str
     prompt: str
     response: str
+    tied: bool = False
 
 
 @dataclass
@@ -279,14 +291,28 @@ def explain(queries: Sequence[Query], args: ExplainArgs) -> ExplainResult:
             scores, meta = read_scores(run.scores_dir(CHECKPOINT) / f"{method}.safetensors")
             if meta.get("train_ids") != [ex.id for ex in train] or len(meta.get("test_ids", [])) != len(queries):
                 raise RuntimeError(f"{method}: scores do not match the query run's examples")
-            order = rank_training(scores)[:, : min(args.top, len(train))]
-            for i in range(len(queries)):
-                tops[i][method] = [Influencer(rank=r + 1, score=float(scores[i, j]), id=train[j].id,
-                                              group=train[j].group, prompt=train[j].prompt,
-                                              response=train[j].response)
-                                   for r, j in enumerate(order[i].tolist())]
+            for i, rows in enumerate(top_influencers(scores, train, args.top)):
+                tops[i][method] = rows
     explanations = [Explanation(q, g, t) for q, g, t in zip(queries, generated, tops)]
     return ExplainResult(explanations, folder, time.time() - t0, reused)
+
+
+def top_influencers(scores: Any, train: Sequence[Example], top: int) -> list[list[Influencer]]:
+    """Per row of ``scores`` (``[n_queries, n_train]``, higher = more helpful), the top
+    ``top`` training examples in :func:`~llm_influence.evaluation.metrics.rank_training`'s
+    order, each with its shared rank and tie mark (see the module docstring)."""
+    k = min(top, len(train))
+    order = np.asarray(rank_training(scores))
+    ranks = tie_ranks(scores)
+    tied = np.zeros(ranks.shape, dtype=bool)          # a neighbour in the order shares the rank
+    same = ranks[:, 1:] == ranks[:, :-1]
+    tied[:, 1:] |= same
+    tied[:, :-1] |= same
+    values = np.asarray(scores, dtype=np.float64)
+    return [[Influencer(rank=int(ranks[i, p]), score=float(values[i, j]), id=train[j].id, group=train[j].group,
+                        prompt=train[j].prompt, response=train[j].response, tied=bool(tied[i, p]))
+             for p, j in enumerate(order[i, :k].tolist())]
+            for i in range(order.shape[0])]
 
 
 def _train_feature_files(run: RunDir) -> dict[str, float]:
@@ -300,8 +326,11 @@ def _train_feature_files(run: RunDir) -> dict[str, float]:
 # -- output ----------------------------------------------------------------------------------
 
 def to_json(result: ExplainResult) -> dict[str, Any]:
+    """The ``--json`` output: the query run, timing, :data:`TIE_NOTE` and, per query, its
+    top-k per method (every :class:`Influencer` field)."""
     return {
         "query_run": str(result.query_run),
+        "ties": TIE_NOTE,
         "seconds": result.seconds,
         "train_features_reused": result.train_features_reused,
         "queries": [{"id": e.query.id, "prompt": e.query.prompt, "response": e.query.response,
@@ -311,12 +340,13 @@ def to_json(result: ExplainResult) -> dict[str, Any]:
     }
 
 
-CSV_COLUMNS = ("query_id", "query_prompt", "query_response", "generated", "method", "rank", "score",
+CSV_COLUMNS = ("query_id", "query_prompt", "query_response", "generated", "method", "rank", "tied", "score",
                "train_id", "group", "prompt", "response")
 
 
 def write_csv(path: str | Path, result: ExplainResult) -> Path:
-    """One row per (query, method, rank), columns :data:`CSV_COLUMNS`; written atomically."""
+    """One row per (query, method, listed training example), columns :data:`CSV_COLUMNS`
+    (``rank`` shared by ties, ``tied`` 0/1); written atomically."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--csv {path}: is a directory")
@@ -328,7 +358,7 @@ def write_csv(path: str | Path, result: ExplainResult) -> Path:
                 for method, rows in e.top.items():
                     for x in rows:
                         writer.writerow([e.query.id, e.query.prompt, e.query.response, int(e.generated), method,
-                                         x.rank, repr(x.score), x.id, x.group, x.prompt, x.response])
+                                         x.rank, int(x.tied), repr(x.score), x.id, x.group, x.prompt, x.response])
     return path
 
 
@@ -339,7 +369,8 @@ def excerpt(text: str, width: int = 60) -> str:
 
 
 def print_tables(result: ExplainResult, console=None) -> None:
-    """Rich tables: per query and method, rank, score, id, group and text excerpts."""
+    """Rich tables: per query and method, rank (``3=`` when tied), score, id, group and text
+    excerpts; then one line with :data:`TIE_NOTE`."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -355,6 +386,7 @@ def print_tables(result: ExplainResult, console=None) -> None:
                 table.add_column(col, justify="right" if col in ("rank", "score") else "left",
                                  overflow="fold" if col in ("prompt", "response") else "ellipsis")
             for x in rows:
-                table.add_row(str(x.rank), f"{x.score:.4g}", escape(x.id), escape(x.group or "-"),
-                              escape(excerpt(x.prompt)), escape(excerpt(x.response)))
+                table.add_row(f"{x.rank}=" if x.tied else str(x.rank), f"{x.score:.4g}", escape(x.id),
+                              escape(x.group or "-"), escape(excerpt(x.prompt)), escape(excerpt(x.response)))
             console.print(table)
+    console.print(escape(f"Ties: {TIE_NOTE}."))

@@ -18,11 +18,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import distributed
-from .attribute import AttributeArgs, attribute, read_scores
-from .config import get_profile
-from .data import load_task
+from .attribute import DEFAULT_METHODS, AttributeArgs, attribute, read_scores
+from .config import get_profile, load_profile_task
 from .errors import UserError
 from .evaluation.run_metrics import evaluate_run
+from .evaluation.uncertainty import seed_summary
 from .io_utils import write_json, write_text
 from .progress import log
 from .rundir import RunDir, versions
@@ -30,8 +30,13 @@ from .training import finetune
 
 PAPER_TASKS_ORDER = ("mixed-small", "mixed-large", "grammars", "math", "harmfulcheck",
                      "backdoor-1", "backdoor-3", "backdoor-5")
-DEFAULT_BENCHMARK_METHODS = ("datainf", "lissa", "gradsim", "repsim")
+#: the paper's methods, the same default as ``attribute``'s
+DEFAULT_BENCHMARK_METHODS = DEFAULT_METHODS
 SHOWCASE_TASK = "mixed-small"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
 def machine_description() -> str:
@@ -54,16 +59,20 @@ def _epoch_rows(run: RunDir) -> list[dict[str, Any]]:
     return [r for r in read_train_log(run.train_log) if r.get("kind") == "epoch"]
 
 
+def seed_run_path(out_dir: Path, task_name: str, seed: int) -> Path:
+    """``DIR/runs/TASK`` for the profile's seed 0, ``DIR/runs/TASK-seedN`` for the others."""
+    return out_dir / "runs" / (task_name if seed == 0 else f"{task_name}-seed{seed}")
+
+
 def run_task(task_name: str, profile_name: str, out_dir: Path, *, methods: Sequence[str],
              data_dir: Optional[str] = None, model: Optional[str] = None, rank_by: str = "score",
-             attribute_args: Optional[AttributeArgs] = None) -> dict[str, Any]:
-    """One task end to end; returns its entry of ``results.json``."""
+             attribute_args: Optional[AttributeArgs] = None, seed: int = 0) -> dict[str, Any]:
+    """One task end to end with fine-tuning seed ``seed`` (the data subsample and the
+    validation rows do not depend on it); returns its entry of ``results.json``."""
     profile = get_profile(profile_name)
-    tp = profile.task(task_name)
-    args = profile.train_args(task_name)
-    task = load_task(task_name, data_dir, train_per_group=tp.train_per_group, test_per_group=tp.test_per_group,
-                     seed=args.seed)
-    run_path = out_dir / "runs" / task_name
+    task, args, task_config = load_profile_task(profile, task_name, data_dir)
+    args = replace(args, seed=args.seed + seed)
+    run_path = seed_run_path(out_dir, task_name, seed)
     t0 = time.time()
     world = distributed.current()
 
@@ -71,10 +80,9 @@ def run_task(task_name: str, profile_name: str, out_dir: Path, *, methods: Seque
         if world.rank != 0:  # under torchrun rank 0 fine-tunes; the others wait in agree()
             return None
         return finetune(run_path, task, model_name=model or profile.model, lora=profile.lora, args=args,
-                        task_config={"profile": profile.name, "train_per_group": tp.train_per_group,
-                                     "test_per_group": tp.test_per_group})
+                        task_config=task_config)
 
-    result = distributed.agree(tune, f"fine-tuning {task_name}")
+    result = distributed.agree(tune, f"fine-tuning {task_name} (seed {args.seed})")
     run = RunDir(run_path)
     attr_args = replace(attribute_args or AttributeArgs(), methods=tuple(methods), checkpoint="last")
     attribute(run_path, attr_args)  # sharded over the ranks under torchrun
@@ -86,17 +94,34 @@ def run_task(task_name: str, profile_name: str, out_dir: Path, *, methods: Seque
     epochs = _epoch_rows(run)
     feature_seconds = max((m.get("feature_seconds") or 0.0) for m in per_method.values())
     return {
-        "n_train": len(task.train), "n_test": len(task.test),
+        "n_train": len(task.train), "n_test": len(task.test), "n_val": len(task.val),
         "train_groups": task.group_counts("train"), "test_groups": task.group_counts("test"),
-        "epochs": result.epochs_done, "stopped_early": result.stopped_early,
+        "val_groups": task.group_counts("val"), "val_source": task_config.get("val_source"),
+        "seed": args.seed, "epochs": result.epochs_done, "stopped_early": result.stopped_early,
         "train_loss": [r["train_loss"] for r in epochs], "val_loss": [r["val_loss"] for r in epochs],
         "finetune_seconds": sum(r.get("seconds") or 0.0 for r in epochs),
         "checkpoint": checkpoint, "feature_seconds": feature_seconds,
         "max_length": args.max_length, "lr": args.lr, "batch_size": args.batch_size,
-        "methods": {name: {k: m[k] for k in ("acc", "cover", "seconds", "n_scored", "n_skipped", "diagnostics")}
+        "methods": {name: {k: m[k] for k in METHOD_RESULT_KEYS if k in m}
                     for name, m in per_method.items() if name in methods},
         "run_dir": str(run_path), "stage_seconds": time.time() - t0,
     }
+
+
+#: what results.json keeps of each method's metrics.json entry
+METHOD_RESULT_KEYS = ("acc", "acc_ci95", "cover", "cover_ci95", "ties", "seconds", "n_scored", "n_skipped",
+                      "diagnostics")
+
+
+def across_seeds(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``{method: {"acc": seed_summary, "cover": seed_summary}, "seeds": [...]}`` of one
+    task's per-seed entries (:func:`run_task`), for the methods every seed has."""
+    methods = [m for m in entries[0]["methods"] if all(m in e["methods"] for e in entries)]
+    out: dict[str, Any] = {"seeds": [e["seed"] for e in entries], "methods": {}}
+    for name in methods:
+        out["methods"][name] = {metric: seed_summary([e["methods"][name][metric] for e in entries])
+                                for metric in ("acc", "cover")}
+    return out
 
 
 def _figures(out_dir: Path, results: dict[str, Any], methods: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -147,18 +172,37 @@ def run_studies(names: Sequence[str], profile_name: str, out: Path, data_dir: Op
     return done
 
 
+def _plan(names: Sequence[str], profile_name: str, data_dir: Optional[str], seeds: int,
+          seed_tasks: Optional[Sequence[str]]) -> list[tuple[str, int, float]]:
+    """``[(task, seed, weight)]`` in run order; ``weight`` (training example-epochs plus the
+    extraction pass) estimates each unit's share of the wall time for the ETA."""
+    profile = get_profile(profile_name)
+    plan = []
+    for name in names:
+        task, args, _ = load_profile_task(profile, name, data_dir)
+        weight = len(task.train) * (args.epochs + 2) + len(task.test) + len(task.val) * args.epochs
+        n = seeds if seed_tasks is None or name in seed_tasks else 1
+        plan.extend((name, s, float(weight)) for s in range(n))
+    return plan
+
+
 def reproduce(profile_name: str, out_dir: str | Path, *, tasks: Optional[Sequence[str]] = None,
               methods: Optional[Sequence[str]] = None, data_dir: Optional[str] = None,
               model: Optional[str] = None, rank_by: str = "score",
               attribute_args: Optional[AttributeArgs] = None,
-              studies: Optional[Sequence[str]] = None) -> dict[str, Any]:
+              studies: Optional[Sequence[str]] = None, seeds: int = 1,
+              seed_tasks: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the benchmark; write ``results.json``, ``report.md``, ``report.html`` (the explorer)
     and the figures into ``out_dir``.
 
-    ``studies`` (default: every registered study) run after the tasks under the same
-    profile; their Markdown sections are appended to the report. Under ``torchrun`` rank 0
-    fine-tunes each task, every rank takes its share of the attribute stage, rank 0 evaluates
-    and writes everything, and the studies are skipped (they are not sharded).
+    ``seeds`` fine-tuning seeds per task (the profile's seed, +1, ...; only for the tasks in
+    ``seed_tasks`` when given, one seed for the others): each task's entry is its first
+    seed's, with ``seeds`` (every seed's metrics) and ``across_seeds`` (mean and sample
+    std per method). ``studies`` (default: every registered study) run after the tasks
+    under the same profile; their Markdown sections are appended to the report. Under
+    ``torchrun`` rank 0 fine-tunes each task, every rank takes its share of the attribute
+    stage, rank 0 evaluates and writes everything, and the studies are skipped (they are
+    not sharded).
     """
     from .report.markdown import render_report
     from .studies import available_studies
@@ -169,27 +213,45 @@ def reproduce(profile_name: str, out_dir: str | Path, *, tasks: Optional[Sequenc
     out = Path(out_dir)
     names = list(tasks or PAPER_TASKS_ORDER)
     methods = list(methods or DEFAULT_BENCHMARK_METHODS)
-    for name in names:
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    for name in list(names) + list(seed_tasks or []):
         if name not in profile.tasks and profile.name != "paper" and not name.startswith("jsonl:"):
             raise UserError(f"task {name!r} has no settings in profile {profile.name!r}")
+    unknown = sorted(set(seed_tasks or []) - set(names))
+    if unknown:
+        raise UserError(f"--seed-tasks {','.join(unknown)}: not among the tasks run ({','.join(names)})")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results: dict[str, Any] = {
         "profile": profile.name, "model": model or profile.model, "machine": machine_description(),
         "rank_by": rank_by, "methods": methods, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "versions": versions(), "tasks": {},
+        "versions": versions(), "seeds": seeds, "seed_tasks": list(seed_tasks) if seed_tasks else None,
+        "tasks": {},
     }
     world = distributed.current()
     if world.active and study_names:
         log(f"torchrun: the studies are not sharded and are skipped here ({', '.join(study_names)}); "
             "run `llm-influence study NAME` afterwards")
         study_names = []
-    for i, name in enumerate(names, 1):
-        log(f"[{i}/{len(names)}] {name}")
-        entry = run_task(name, profile.name, out, methods=methods, data_dir=data_dir,
-                         model=model, rank_by=rank_by, attribute_args=attribute_args)
+    plan = _plan(names, profile.name, data_dir, seeds, seed_tasks)
+    total = sum(w for *_, w in plan)
+    done = 0.0
+    per_seed: dict[str, list[dict[str, Any]]] = {}
+    for i, (name, seed, weight) in enumerate(plan, 1):
+        elapsed = time.time() - t0
+        eta = f", ETA {_minutes(elapsed / done * (total - done))} for the tasks" if done else ""
+        log(f"[{i}/{len(plan)}] {name}" + (f" seed +{seed}" if seed else "") + f" ({_minutes(elapsed)} elapsed{eta})")
+        entry = run_task(name, profile.name, out, methods=methods, data_dir=data_dir, model=model,
+                         rank_by=rank_by, attribute_args=attribute_args, seed=seed)
+        done += weight
         if world.rank == 0:
-            results["tasks"][name] = entry
+            per_seed.setdefault(name, []).append(entry)
+            first = dict(per_seed[name][0])
+            first["seeds"] = [{k: e[k] for k in ("seed", "run_dir", "epochs", "val_loss", "methods")}
+                              for e in per_seed[name]]
+            first["across_seeds"] = across_seeds(per_seed[name])
+            results["tasks"][name] = first
             results["wall_seconds"] = time.time() - t0
             write_json(out / "results.json", results)
     if world.rank != 0:  # rank 0 writes the figures and reports

@@ -100,6 +100,8 @@ class RunDir:
     def save_task(self, task: TaskData) -> None:
         write_examples(self.path / "data" / "train.jsonl", task.train)
         write_examples(self.path / "data" / "test.jsonl", task.test)
+        if task.val:
+            write_examples(self.path / "data" / "val.jsonl", task.val)
 
     def load_task(self) -> TaskData:
         """The task exactly as fine-tuned (relevance = same group). Groups are required
@@ -110,7 +112,9 @@ class RunDir:
         test_path = self.path / "data" / "test.jsonl"
         test = (read_examples(test_path, required_groups=grouped)
                 if test_path.is_file() and test_path.stat().st_size else [])
-        return TaskData(name=cfg.get("task", {}).get("name", "?"), train=train, test=test)
+        val_path = self.path / "data" / "val.jsonl"
+        val = read_examples(val_path, required_groups=grouped) if val_path.is_file() and val_path.stat().st_size else []
+        return TaskData(name=cfg.get("task", {}).get("name", "?"), train=train, test=test, val=val)
 
     # -- checkpoints --------------------------------------------------------------------
     def epochs(self) -> list[int]:

@@ -29,6 +29,10 @@ def same_group(test_ex: Example, train_ex: Example) -> bool:
 class TaskData:
     """A task: training and test examples plus the ground-truth relation.
 
+    ``val`` holds the validation examples (fine-tuning's validation loss and early
+    stopping): drawn from the task's test file but never attributed or scored, so nothing
+    about the model selection leaks into Acc/Cover (see :func:`~llm_influence.data.tasks.load_task`).
+
     ``relevant(test_ex, train_ex)`` says whether a training example is a correct answer
     for a test example (default: same group). ``k(test_ex)`` is the Cover cut-off: the
     number of training examples relevant to that test example.
@@ -38,6 +42,7 @@ class TaskData:
     train: list[Example]
     test: list[Example]
     description: str = ""
+    val: list[Example] = field(default_factory=list)
     relevant_fn: Callable[[Example, Example], bool] = field(default=same_group, repr=False)
 
     def relevant(self, test_ex: Example, train_ex: Example) -> bool:
@@ -51,5 +56,5 @@ class TaskData:
         return [[self.relevant(te, tr) for tr in self.train] for te in self.test]
 
     def group_counts(self, split: str) -> dict[str, int]:
-        examples = self.train if split == "train" else self.test
+        examples = {"train": self.train, "test": self.test, "val": self.val}[split]
         return dict(Counter(ex.group for ex in examples))

@@ -109,6 +109,34 @@ def subsample(examples: Sequence[Example], per_group: int | Mapping[str, int] | 
     return [ex for i, ex in enumerate(examples) if i in keep]
 
 
+def split_validation(full_test: Sequence[Example], test: Sequence[Example], per_group: int,
+                     seed: int) -> tuple[list[Example], list[Example]]:
+    """``(test, val)``: up to ``per_group`` validation examples per group that are never
+    attributed.
+
+    Per group of ``test`` (the subsample that will be attributed, drawn from ``full_test``):
+    if ``full_test`` has rows of that group that ``test`` left out, the validation rows are
+    a seeded subsample of those (``test`` unchanged); otherwise every row of the file is
+    attributed, and ``min(per_group, n - 1)`` of them (n = the group's test rows, so at
+    least one stays attributed) are held out: moved from ``test`` to ``val`` and excluded
+    from Acc/Cover. Both lists keep the file order."""
+    if per_group < 1:
+        raise UserError(f"val_per_group must be >= 1, got {per_group}")
+    chosen = {ex.id for ex in test}
+    val_ids: set[str] = set()
+    for group in sorted({ex.group for ex in test}):
+        unused = [ex for ex in full_test if ex.group == group and ex.id not in chosen]
+        if unused:
+            picked = subsample(unused, per_group, seed)
+        else:
+            rows = [ex for ex in test if ex.group == group]
+            picked = subsample(rows, min(per_group, len(rows) - 1), seed) if len(rows) > 1 else []
+        val_ids.update(ex.id for ex in picked)
+    kept = [ex for ex in test if ex.id not in val_ids]
+    val = [ex for ex in full_test if ex.id in val_ids]
+    return kept, val
+
+
 @dataclass(frozen=True)
 class _UserFiles:
     """Where a ``jsonl:`` task came from, for messages that name file and line."""
@@ -180,8 +208,14 @@ def load_task(
     train_per_group: int | Mapping[str, int] | None = None,
     test_per_group: int | Mapping[str, int] | None = None,
     seed: int = 0,
+    val_per_group: int | None = None,
 ) -> TaskData:
-    """Load a task by name (see :data:`PAPER_TASKS`) or ``jsonl:PATH``, optionally subsampled."""
+    """Load a task by name (see :data:`PAPER_TASKS`) or ``jsonl:PATH``, optionally subsampled.
+
+    ``val_per_group`` (``None``: no validation split) sets aside validation examples from
+    the test file that are never attributed (:func:`split_validation`). ``seed`` draws the
+    training subsample (``seed``), the test subsample (``seed + 1``) and the validation rows
+    (``seed + 2``)."""
     files: Optional[_UserFiles] = None
     if name.startswith("jsonl:"):
         task, files = _load_user_jsonl(name)
@@ -196,7 +230,10 @@ def load_task(
         test = read_examples(root / spec.test_file, id_prefix="test-", **kwargs)
         task = TaskData(name=name, train=train, test=test, description=spec.description)
     task.train = subsample(task.train, train_per_group, seed)
-    task.test = subsample(task.test, test_per_group, seed + 1)
+    full_test = task.test
+    task.test = subsample(full_test, test_per_group, seed + 1)
+    if val_per_group is not None:
+        task.test, task.val = split_validation(full_test, task.test, val_per_group, seed + 2)
     if files is not None:
         check_groups(task, files)
     return task

@@ -9,18 +9,28 @@ Conventions (shared by every function here):
   are all 0 or 1): ``relevant[i, j]`` says whether training example ``j`` is a correct
   answer for test example ``i`` (default ground truth: same group, see
   :func:`relevance_from_task`).
-* Ranking (:func:`rank_training`), per test row:
+* Ranking, per test row:
 
   - ``rank_by="score"`` (default, the paper's v2 ranking by -IF): descending by score.
   - ``rank_by="abs"`` (the paper's older v1 ranking by |IF|): descending by ``|score|``.
 
-  **Ties are broken stably: among equal keys the lower training index ranks first.**
-  ``-0.0`` and ``0.0`` are equal keys. Scores are compared in float64 (exact for every
-  float16/bfloat16/float32 input, so no ties are created or broken by the conversion).
+  Scores are compared in float64 (exact for every float16/bfloat16/float32/float64 input,
+  so no ties are created or broken by the conversion); ``-0.0`` and ``0.0`` are equal keys.
+* **Ties.** Acc and Cover are the *expected* values over a uniformly random order of tied
+  scores, computed exactly (no sampling): if the top key is shared by ``t`` training
+  examples of which ``r`` are relevant, the hit is ``r / t``; if the Cover cut-off ``k``
+  falls inside a run of ``t`` tied examples holding ``r`` relevant ones, of which ``u``
+  must still be taken, that run contributes ``u * r / t``. So permuting the training
+  columns never changes a metric, and with all scores equal Acc = Cover = the fraction of
+  relevant training examples. :func:`rank_training` (a concrete order, for lists shown to
+  people) breaks ties toward the lower training index and :func:`tie_ranks` marks which
+  positions are tied, so every list can say so.
 * NaN or +/-Inf anywhere in ``scores`` raises :class:`ValueError` naming the first
   offending ``(test, train)`` position in row-major order; nothing is ranked silently.
-* **Acc** = fraction of test examples whose top-ranked training example is relevant.
-* **Cover** = mean over test examples of ``(#relevant among the top k) / k``. By default
+* **Acc** = mean over test examples of "the top-ranked training example is relevant"
+  (expected over tie orders, see above).
+* **Cover** = mean over test examples of ``(#relevant among the top k) / k`` (expected
+  over tie orders). By default
   ``k`` for test example ``i`` is the number of training examples relevant to it (its
   ground-truth group's size in train). For the paper's balanced tasks that equals the
   paper's ``k = n_train / n_classes`` (90 for Grammars/MathQA, 20 for Mixed); for an
@@ -32,6 +42,9 @@ Conventions (shared by every function here):
   cannot be scored: it is excluded from both the Acc and the Cover averages and counted
   in :attr:`AttributionMetrics.n_skipped`. If every test example is skipped,
   :class:`ValueError` is raised.
+* **Intervals.** ``acc_ci95`` / ``cover_ci95`` are 95 % percentile-bootstrap intervals over
+  the scored test examples (:func:`~llm_influence.evaluation.uncertainty.bootstrap_ci`,
+  seeded, 2,000 resamples): the uncertainty that comes from which test examples were drawn.
 """
 
 from __future__ import annotations
@@ -42,11 +55,15 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence, Union
 import numpy as np
 import torch
 
+from .uncertainty import DEFAULT_CI_SEED, DEFAULT_RESAMPLES, bootstrap_ci
+
 if TYPE_CHECKING:
     from ..data.example import TaskData
 
 RankBy = Literal["score", "abs"]
 RANK_BY_CHOICES: tuple[str, ...] = ("score", "abs")
+#: how every metric treats tied scores (recorded beside each metric in metrics.json)
+TIE_RULE = "expected over a uniformly random order of tied scores"
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
 
@@ -114,12 +131,53 @@ def _check_rank_by(rank_by: str) -> str:
     return rank_by
 
 
+def _keys(arr: np.ndarray, rank_by: str) -> np.ndarray:
+    """The ranking keys of a checked float64 matrix (+ 0.0 maps -0.0 to 0.0)."""
+    return (np.abs(arr) if rank_by == "abs" else arr) + 0.0
+
+
 def _order(arr: np.ndarray, rank_by: str) -> np.ndarray:
     """Stable descending order of a checked float64 matrix (lower index first on ties)."""
-    key = np.abs(arr) if rank_by == "abs" else arr
     # Negating a float64 is exact, so a stable ascending sort of -key is a descending sort
-    # of key that keeps equal keys in index order. (+ 0.0 maps -0.0 to 0.0.)
-    return np.argsort(-key + 0.0, axis=1, kind="stable")
+    # of key that keeps equal keys in index order.
+    return np.argsort(-_keys(arr, rank_by), axis=1, kind="stable")
+
+
+def _tie_runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(start, stop)`` ``[n_test, n_train]``: position ``p`` of a row sorted by key lies in
+    the run of equal keys ``start[p] <= q < stop[p]``."""
+    n = sorted_keys.shape[1]
+    idx = np.broadcast_to(np.arange(n), sorted_keys.shape)
+    opens = np.ones(sorted_keys.shape, dtype=bool)
+    opens[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
+    start = np.maximum.accumulate(np.where(opens, idx, 0), axis=1)
+    closes = np.ones(sorted_keys.shape, dtype=bool)
+    closes[:, :-1] = sorted_keys[:, :-1] != sorted_keys[:, 1:]
+    last_from_right = np.maximum.accumulate(np.where(closes[:, ::-1], idx, 0), axis=1)[:, ::-1]
+    return start, n - last_from_right
+
+
+def expected_relevant_in_top(scores: np.ndarray, relevant: np.ndarray, k: np.ndarray,
+                             rank_by: str = "score") -> np.ndarray:
+    """``[n_test]`` float64: the expected number of relevant training examples among the top
+    ``k[i]`` of row ``i``, over a uniformly random order of tied scores (exact).
+
+    ``scores`` checked float64 ``[n_test, n_train]``, ``relevant`` bool of the same shape,
+    ``1 <= k[i] <= n_train``. The run of tied keys that the cut-off falls into, of length
+    ``t`` with ``r`` relevant members of which ``u`` positions are inside the top ``k``,
+    contributes ``u * r / t``; everything ranked strictly above it counts fully."""
+    order = _order(scores, rank_by)
+    sorted_keys = np.take_along_axis(-_keys(scores, rank_by), order, axis=1)
+    ranked_rel = np.take_along_axis(relevant, order, axis=1)
+    n_test = scores.shape[0]
+    cum = np.zeros((n_test, scores.shape[1] + 1))
+    cum[:, 1:] = np.cumsum(ranked_rel, axis=1)
+    start, stop = _tie_runs(sorted_keys)
+    rows = np.arange(n_test)
+    last = k - 1
+    a, b = start[rows, last], stop[rows, last]
+    before, in_run = cum[rows, a], cum[rows, b] - cum[rows, a]
+    return before + (k - a) * in_run / (b - a)
 
 
 def _resolve_k(k: int | Sequence[int] | np.ndarray | torch.Tensor | None, n_relevant: np.ndarray,
@@ -157,7 +215,8 @@ def rank_training(scores: ArrayLike, rank_by: RankBy = "score") -> np.ndarray | 
     Returns:
         ``[n_test, n_train]`` int64 indices: row ``i`` is a permutation of
         ``range(n_train)``, ``out[i, 0]`` the top-ranked training example. Ties keep the
-        lower training index first (stable). A torch tensor (on CPU) when ``scores`` is a
+        lower training index first (stable); this concrete order is for displayed lists
+        (see :func:`tie_ranks`), the metrics average over the order of ties instead. A torch tensor (on CPU) when ``scores`` is a
         tensor, else a numpy array.
 
     Raises:
@@ -170,6 +229,19 @@ def rank_training(scores: ArrayLike, rank_by: RankBy = "score") -> np.ndarray | 
     return order
 
 
+def tie_ranks(scores: ArrayLike, rank_by: RankBy = "score") -> np.ndarray:
+    """``[n_test, n_train]`` int64: for each position of :func:`rank_training`'s order, the
+    1-based rank shared by its run of tied scores (competition ranking: ``1, 2, 2, 4``).
+
+    A displayed list shows ``ranks[i, p]`` and marks a tie where it repeats; the metrics
+    average over the order within such a run (module docstring)."""
+    _check_rank_by(rank_by)
+    arr = _check_scores(scores)
+    order = _order(arr, rank_by)
+    start, _ = _tie_runs(np.take_along_axis(-_keys(arr, rank_by), order, axis=1))
+    return start.astype(np.int64) + 1
+
+
 @dataclass(frozen=True)
 class AttributionMetrics:
     """Acc/Cover of one score matrix, with the per-test details.
@@ -177,13 +249,17 @@ class AttributionMetrics:
     Attributes:
         acc: mean of ``per_test_hit`` over scored test examples, in ``[0, 1]``.
         cover: mean of ``per_test_cover`` over scored test examples, in ``[0, 1]``.
+        acc_ci95, cover_ci95: ``(low, high)`` 95 % bootstrap intervals of ``acc`` and
+            ``cover`` over the scored test examples.
         n_scored: test examples with at least one relevant training example.
         n_skipped: test examples with none (excluded from both averages).
         rank_by: the ranking used (``"score"`` or ``"abs"``).
         scored: ``[n_test]`` bool, which test examples were scored.
-        per_test_hit: ``[n_test]`` float64, 1.0 if the top-ranked training example is
-            relevant else 0.0; NaN for skipped test examples.
-        per_test_cover: ``[n_test]`` float64, ``#relevant in top k / k``; NaN when skipped.
+        per_test_hit: ``[n_test]`` float64 in ``[0, 1]``, the probability that the
+            top-ranked training example is relevant (1 or 0 without a tie at the top; ``r/t``
+            for a top run of ``t`` tied examples with ``r`` relevant); NaN when skipped.
+        per_test_cover: ``[n_test]`` float64, expected ``#relevant in top k / k``; NaN when
+            skipped.
         k: ``[n_test]`` int64, the Cover cut-off used for each test example (after
             clipping to ``n_train``; 0 for skipped test examples when ``k`` defaulted).
     """
@@ -197,15 +273,20 @@ class AttributionMetrics:
     per_test_hit: np.ndarray
     per_test_cover: np.ndarray
     k: np.ndarray
+    acc_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    cover_ci95: tuple[float, float] = (float("nan"), float("nan"))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready summary (scalars only) for ``metrics.json``."""
         return {
             "acc": self.acc,
+            "acc_ci95": [float(v) for v in self.acc_ci95],
             "cover": self.cover,
+            "cover_ci95": [float(v) for v in self.cover_ci95],
             "n_scored": self.n_scored,
             "n_skipped": self.n_skipped,
             "rank_by": self.rank_by,
+            "ties": TIE_RULE,
         }
 
 
@@ -214,8 +295,12 @@ def evaluate_scores(
     relevant: ArrayLike,
     rank_by: RankBy = "score",
     k: int | Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    ci_seed: int = DEFAULT_CI_SEED,
 ) -> AttributionMetrics:
-    """Acc and Cover of ``scores`` against the ground truth ``relevant``.
+    """Acc and Cover of ``scores`` against the ground truth ``relevant``, expected over a
+    uniformly random order of tied scores, with 95 % bootstrap intervals.
 
     Args:
         scores: ``[n_test, n_train]`` real scores, higher = more helpful.
@@ -224,6 +309,7 @@ def evaluate_scores(
         k: Cover cut-off: ``None`` (default) = per test example, the number of training
             examples relevant to it; an int for all test examples; or ``[n_test]`` ints.
             Values above ``n_train`` are clipped to ``n_train``; values below 1 raise.
+        n_resamples, ci_seed: the bootstrap of the intervals (over scored test examples).
 
     Returns:
         :class:`AttributionMetrics`. Test examples without any relevant training example
@@ -249,14 +335,9 @@ def evaluate_scores(
         )
     k_arr = _resolve_k(k, n_relevant, n_train)
 
-    order = _order(arr, rank_by)
-    ranked_rel = np.take_along_axis(rel, order, axis=1)           # [n_test, n_train]
-    hit = ranked_rel[:, 0].astype(np.float64)
-    # hits in the top k_i of row i: cumulative count, read at column k_i - 1
-    cum = np.cumsum(ranked_rel, axis=1)
+    hit = expected_relevant_in_top(arr, rel, np.ones(n_test, dtype=np.int64), rank_by)
     k_safe = np.maximum(k_arr, 1)
-    in_top_k = cum[np.arange(n_test), k_safe - 1]
-    cov = in_top_k / k_safe
+    cov = expected_relevant_in_top(arr, rel, k_safe, rank_by) / k_safe
 
     per_hit = np.where(scored, hit, np.nan)
     per_cov = np.where(scored, cov, np.nan)
@@ -270,6 +351,8 @@ def evaluate_scores(
         per_test_hit=per_hit,
         per_test_cover=per_cov,
         k=k_arr,
+        acc_ci95=bootstrap_ci(hit[scored], n_resamples=n_resamples, seed=ci_seed),
+        cover_ci95=bootstrap_ci(cov[scored], n_resamples=n_resamples, seed=ci_seed),
     )
 
 

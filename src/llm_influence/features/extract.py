@@ -28,7 +28,9 @@ features are stored in it. bfloat16 / float16 (``--dtype bf16`` / ``fp16``): the
 kept in float32 and its forward runs under ``torch.autocast`` in the half dtype; per-example
 gradients are accumulated and stored in float32 (float16 with a static loss scale of
 :data:`FP16_LOSS_SCALE`). float16 needs a CUDA GPU; bfloat16 also runs on the CPU
-(autocast), where it is mainly useful on CPUs with native bfloat16 instructions.
+(autocast), where it is mainly useful on CPUs with native bfloat16 instructions; on a CPU
+without them (:func:`llm_influence.hardware.cpu_has_native_bf16`) it is emulated and many
+times slower than float32, which a warning says once per process (it still runs in bf16).
 
 **Projection** (``projection=ProjectionSpec(D, seed, kind)``): each batch's per-example
 gradients are projected (:mod:`.projection`) before they are stored, so the stored grads
@@ -46,6 +48,7 @@ import torch
 from .. import distributed
 from ..config import TrainArgs
 from ..errors import UserError
+from ..hardware import warn_if_emulated_bf16
 from ..progress import log
 from ..rundir import RunDir
 from . import store
@@ -285,6 +288,8 @@ def _compute_chunks(run: RunDir, name: str, split: str, examples, ids: list[str]
         shapes = {b: tuple(m.weight.shape) for b, m in lora_modules(model).items()}
         projector = GradientProjector(projection, shapes)
     autocast = dtype if dtype in HALF_DTYPES else None
+    if dtype == torch.bfloat16:
+        warn_if_emulated_bf16(device, "--dtype bf16")  # kept (asked for), but said to be slow
     loss_scale = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
     for i, need in todo:
         a, b = ranges[i]

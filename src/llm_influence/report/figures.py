@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..data.example import Example
-from ..evaluation.metrics import rank_training
+from ..evaluation.metrics import rank_training, tie_ranks
 from ..io_utils import atomic_path
 from .markdown import md_escape, method_label
 
@@ -248,12 +248,22 @@ def _relevant(relevant: Optional[Relevance], test_example: Example, train_exampl
         test_example.group == train_example.group
 
 
+class TopExamples(dict):
+    """``{method: top-ranked training example}`` (a dict) whose ``tied_with[method]`` counts
+    the other training examples sharing that top score (0 = no tie)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tied_with: dict[str, int] = {}
+
+
 def top_by_method(scores_by_method: Mapping[str, Any], train: Sequence[Example], test_index: int,
-                  rank_by: str = "score") -> dict[str, Example]:
+                  rank_by: str = "score") -> TopExamples:
     """Each method's top-ranked training example for test example ``test_index``
     (ranking as in :func:`llm_influence.evaluation.metrics.rank_training`: descending score,
-    ties to the lower training index)."""
-    out: dict[str, Example] = {}
+    ties to the lower training index), with how many others tie with it
+    (:attr:`TopExamples.tied_with`, shown by :func:`showcase_markdown`)."""
+    out = TopExamples()
     for method, scores in scores_by_method.items():
         arr = _as_array(scores, f"scores of {method}")
         if arr.shape[1] != len(train):
@@ -261,15 +271,24 @@ def top_by_method(scores_by_method: Mapping[str, Any], train: Sequence[Example],
                              "training examples")
         if not 0 <= test_index < arr.shape[0]:
             raise ValueError(f"test_index {test_index} out of range for {arr.shape[0]} test examples")
-        out[method] = train[int(rank_training(arr[test_index:test_index + 1], rank_by)[0, 0])]
+        row = arr[test_index:test_index + 1]
+        out[method] = train[int(rank_training(row, rank_by)[0, 0])]
+        out.tied_with[method] = int((tie_ranks(row, rank_by)[0] == 1).sum()) - 1
     return out
+
+
+def _tie_note(top_by_method: Mapping[str, Example], method: str) -> str:
+    n = getattr(top_by_method, "tied_with", {}).get(method, 0)
+    return f" (tied with {n} other{'s' if n > 1 else ''}; the first in training-file order is shown)" if n else ""
 
 
 def showcase_markdown(test_example: Example, top_by_method: Mapping[str, Example], *,
                       relevant: Optional[Relevance] = None, max_chars: int = 160) -> str:
     """The paper's Fig. 1 as Markdown: the test example (prompt and response excerpts,
     group) and a table with each method's top-ranked training example (prompt excerpt,
-    group, whether it is relevant: by default, same group as the test example)."""
+    group, whether it is relevant: by default, same group as the test example), noting a
+    top score tied with other training examples (a :class:`TopExamples` from
+    :func:`top_by_method`)."""
     lines = [
         f"Test example `{md_escape(test_example.id)}` (group: {md_escape(test_example.group)})",
         "",
@@ -282,8 +301,8 @@ def showcase_markdown(test_example: Example, top_by_method: Mapping[str, Example
     ]
     for method, ex in top_by_method.items():
         ok = _relevant(relevant, test_example, ex)
-        lines.append(f"| {md_escape(method_label(method))} | {md_escape(_excerpt(ex.prompt, max_chars))} "
-                     f"| {md_escape(ex.group)} | {'yes' if ok else 'no'} |")
+        lines.append(f"| {md_escape(method_label(method))} | {md_escape(_excerpt(ex.prompt, max_chars))}"
+                     f"{_tie_note(top_by_method, method)} | {md_escape(ex.group)} | {'yes' if ok else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -293,7 +312,8 @@ def showcase_figure(test_example: Example, top_by_method: Mapping[str, Example],
     """The paper's Fig. 1 as a PNG: a box with the test example (prompt and response
     excerpts), then one box per method with its top-ranked training example (prompt
     excerpt and group), green edge and "correct" when relevant (default: same group as
-    the test example), red and "incorrect" otherwise. Written atomically to ``path``.
+    the test example), red and "incorrect" otherwise, with the tie note of
+    :func:`showcase_markdown`. Written atomically to ``path``.
 
     Returns:
         The same content as Markdown (:func:`showcase_markdown`), for the report.
@@ -306,7 +326,7 @@ def showcase_figure(test_example: Example, top_by_method: Mapping[str, Example],
     for method, ex in top_by_method.items():
         ok = _relevant(relevant, test_example, ex)
         head = f"{method_label(method)}: top-ranked training example {ex.id}  (group: {ex.group})  " \
-               f"{'correct' if ok else 'incorrect'}"
+               f"{'correct' if ok else 'incorrect'}{_tie_note(top_by_method, method)}"
         boxes.append((head + "\n" + textwrap.fill("Prompt: " + _excerpt(ex.prompt, max_chars), width_chars),
                       "#2e7d32" if ok else "#c62828"))
     heights = [t.count("\n") + 1.6 for t, _ in boxes]

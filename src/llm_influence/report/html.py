@@ -4,17 +4,20 @@
 or explicit ones), and writes one HTML file with inline CSS and JavaScript and every datum
 embedded: pick a task, checkpoint and method; a heatmap of the scores; click a test
 example (list) or a heatmap cell to see its full prompt/response and its top-k training
-examples with full text, score, group and ground-truth mark; the Acc/Cover tables; every
-figure PNG of the output directory as a ``data:`` URI.
+examples with full text, score, shared rank, group and ground-truth mark; the Acc/Cover
+tables with their 95 % intervals; every figure PNG of the output directory as a ``data:`` URI.
 
 Conventions:
 
 * Scores are ``RUN/scores/epoch-N/METHOD.safetensors`` ``[n_test, n_train]``, **higher =
   more helpful**. The top-k list is :func:`~llm_influence.evaluation.metrics.rank_training`
   with the run's ``rank_by`` (from ``RUN/metrics.json``, default ``"score"``): descending,
-  ties to the lower training index. Acc/Cover are recomputed with
+  tied scores listed in training-file order, each entry showing the competition rank its
+  run of ties shares (:func:`~llm_influence.evaluation.metrics.tie_ranks`; ``3=`` and
+  "tied" on the page). Acc/Cover and their 95 % bootstrap intervals are recomputed with
   :func:`~llm_influence.evaluation.metrics.evaluate_scores` against the run's ground truth
-  (same group), so they equal ``RUN/metrics.json``.
+  (same group; ties count as the expected value over a random order of the tie), so they
+  equal ``RUN/metrics.json``.
 * Heatmap cells are per-row rank percentiles in ``[0, 1]`` (1 = the row's top-ranked
   training example; :func:`~llm_influence.report.figures.normalize_rows`), quantised to
   0..255. Rows (test) and columns (train) are ordered by group (order of first appearance in
@@ -42,7 +45,7 @@ import numpy as np
 
 from ..attribute import read_scores
 from ..errors import UserError
-from ..evaluation.metrics import RANK_BY_CHOICES, evaluate_scores, rank_training
+from ..evaluation.metrics import RANK_BY_CHOICES, evaluate_scores, rank_training, tie_ranks
 from ..io_utils import atomic_path
 from ..progress import log, progress
 from ..rundir import EPOCH_RE, RunDir
@@ -69,6 +72,21 @@ def _num(x: float, digits: int = 6) -> Optional[float]:
     if not np.isfinite(x):
         return None
     return float(f"{x:.{digits}g}")
+
+
+def _interval(ci: Sequence[float]) -> list[Optional[float]]:
+    """A ``(low, high)`` interval for JSON, exact; None for a NaN bound."""
+    return [float(v) if np.isfinite(v) else None for v in ci]
+
+
+def tied_flags(ranks: np.ndarray) -> np.ndarray:
+    """``[n_test, n_train]`` bool from :func:`~llm_influence.evaluation.metrics.tie_ranks`:
+    whether the entry at each position shares its score with another position."""
+    tied = np.zeros(ranks.shape, dtype=bool)
+    same = ranks[:, 1:] == ranks[:, :-1]
+    tied[:, 1:] |= same
+    tied[:, :-1] |= same
+    return tied
 
 
 def block_mean(values: np.ndarray, row_block: int, col_block: int) -> np.ndarray:
@@ -126,20 +144,23 @@ def _examples(examples, cut: bool = True) -> dict[str, list]:
 
 def method_payload(scores: np.ndarray, relevant: np.ndarray, rank_by: str, top_k: int,
                    test_order: Sequence[int], train_order: Sequence[int], max_side: int) -> dict[str, Any]:
-    """Everything the page shows for one scores file: Acc/Cover (overall and per test
-    example), the top-k training indices, scores and ground-truth marks per test example,
-    and the heatmap."""
+    """Everything the page shows for one scores file: Acc/Cover with their 95 % intervals
+    (overall) and per test example, the top-k training indices, scores, shared ranks, tie
+    marks and ground-truth marks per test example, and the heatmap."""
     m = evaluate_scores(scores, relevant, rank_by=rank_by)
     k = min(top_k, scores.shape[1])
     order = np.asarray(rank_training(scores, rank_by=rank_by))[:, :k]
+    ranks = tie_ranks(scores, rank_by=rank_by)
     top_scores = np.take_along_axis(scores, order, axis=1)
     top_rel = np.take_along_axis(relevant, order, axis=1)
     return {
-        "acc": m.acc, "cover": m.cover, "n_scored": m.n_scored, "n_skipped": m.n_skipped,
+        "acc": m.acc, "cover": m.cover, "acc_ci95": _interval(m.acc_ci95), "cover_ci95": _interval(m.cover_ci95),
+        "n_scored": m.n_scored, "n_skipped": m.n_skipped,
         "hit": [_num(x) for x in m.per_test_hit], "cover_per_test": [_num(x, 4) for x in m.per_test_cover],
         "k": [int(x) for x in m.k],
         "topk": order.tolist(), "topk_scores": [[_num(x) for x in row] for row in top_scores],
         "topk_relevant": top_rel.astype(int).tolist(),
+        "topk_rank": ranks[:, :k].tolist(), "topk_tied": tied_flags(ranks)[:, :k].astype(int).tolist(),
         "heatmap": heatmap_cells(scores, test_order, train_order, rank_by, max_side),
     }
 
@@ -366,7 +387,10 @@ _HTML_HEAD = """<!DOCTYPE html>
 <section id="explore">
   <div id="test-list-wrap"><h2>Test examples</h2><div id="test-list"></div></div>
   <div id="detail"><h2>Selected test example</h2><div id="test-detail"></div>
-    <h3 id="topk-title">Top training examples</h3><ol id="topk-list"></ol></div>
+    <h3 id="topk-title">Top training examples</h3>
+    <p class="hint" id="tie-rule">Ties: training examples with equal scores share a rank (shown as "3=" and marked
+    "tied") and are listed in training-file order; Acc and Cover count the expected value over a uniformly random
+    order of the tie.</p><ol id="topk-list"></ol></div>
 </section>
 <section id="metrics-section"><h2>Acc / Cover</h2><div id="metrics"></div></section>
 <section id="figures-section"><h2>Figures and studies</h2><div id="figures"></div></section>
@@ -396,7 +420,7 @@ h2{font-size:17px;margin:4px 0 8px}h3{font-size:15px;margin:12px 0 6px}.hint{col
 .label{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:#687385;margin-top:4px}
 #topk-list{padding-left:0;list-style:none}.topk-row{border:1px solid #e1e5ea;border-left:5px solid #bbb;border-radius:4px;padding:6px 8px;margin:6px 0}
 .topk-row.relevant{border-left-color:#2e9d4f}.topk-row.irrelevant{border-left-color:#d9534f}.topk-row.clicked{box-shadow:0 0 0 2px #f0b400}
-.topk-head{display:flex;gap:10px;align-items:baseline;flex-wrap:wrap}.rank{font-weight:700}.score{font-family:ui-monospace,monospace}
+.topk-head{display:flex;gap:10px;align-items:baseline;flex-wrap:wrap}.rank{font-weight:700}.tie{font-size:11px;color:#8a5a00;background:#fff4e5;border-radius:3px;padding:0 4px}.ci{color:#5b6574;font-size:12px}.score{font-family:ui-monospace,monospace}
 table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}th,td{border:1px solid #dde2e8;padding:3px 8px;text-align:right}
 th{background:#f0f3f7}td:first-child,th:first-child{text-align:left}td.best{font-weight:700;background:#eef8ee}
 figure{margin:10px 0 18px}figure img{max-width:100%;border:1px solid #e0e0e0}figcaption{font-size:13px;color:#333;margin-top:4px}
@@ -425,6 +449,8 @@ _JS = r"""
     return e;
   }
   const pct = (x) => (x === null || x === undefined) ? "–" : (100 * x).toFixed(1);
+  const ci = (c) => (c && c[0] !== null && c[1] !== null) ? "[" + pct(c[0]) + ", " + pct(c[1]) + "]" : "";
+  const withCi = (x, c, unit) => pct(x) + (unit || "") + (ci(c) ? " " + ci(c) : "");   // "72.0 [65.1, 78.9]": value, 95 % interval
   const fmt = (x) => (x === null || x === undefined) ? "–" : Number(x).toPrecision(4);
   const oneLine = (s, n) => { const t = s.replace(/\s+/g, " ").trim(); return t.length > n ? t.slice(0, n) + "…" : t; };
   const task = () => DATA.tasks[state.task];
@@ -471,7 +497,8 @@ _JS = r"""
   function renderSummary() {
     const m = method();
     $("method-summary").textContent = task().label + " · " + checkpoint().name + " · " + m.name + ": Acc " +
-      pct(m.acc) + "%, Cover " + pct(m.cover) + "% (" + m.n_scored + " test examples scored, rank by " + task().rank_by + ")";
+      withCi(m.acc, m.acc_ci95, "%") + ", Cover " + withCi(m.cover, m.cover_ci95, "%") + " (" + m.n_scored +
+      " test examples scored, rank by " + task().rank_by + ")";
   }
 
   // ---------------------------------------------------------------- heatmap
@@ -605,17 +632,19 @@ _JS = r"""
     box.appendChild(el("div", { class: "label" }, "response"));
     box.appendChild(el("div", { class: "text", id: "selected-test-response" }, t.test.responses[i]));
     $("topk-title").textContent = "Top " + m.topk[i].length + " training examples (" + m.name + ", " + checkpoint().name +
-      "; ✓ = same group as the test example = ground truth)";
+      "; ✓ = same group as the test example = ground truth; \"3=\" = tied score)";
     m.topk[i].forEach((j, r) => {
-      const rel = m.topk_relevant[i][r] === 1;
+      const rel = m.topk_relevant[i][r] === 1, tied = m.topk_tied[i][r] === 1;
       const li = el("li", { class: "topk-row " + (rel ? "relevant" : "irrelevant") + (j === state.clickedTrain ? " clicked" : ""),
-        "data-train-id": t.train.ids[j], "data-rank": String(r + 1), "data-relevant": rel ? "1" : "0" });
+        "data-train-id": t.train.ids[j], "data-rank": String(r + 1), "data-relevant": rel ? "1" : "0",
+        "data-tie-rank": String(m.topk_rank[i][r]), "data-tied": tied ? "1" : "0" });
       const h = el("div", { class: "topk-head" });
-      h.appendChild(el("span", { class: "rank" }, "#" + (r + 1)));
+      h.appendChild(el("span", { class: "rank" }, "#" + m.topk_rank[i][r] + (tied ? "=" : "")));
       h.appendChild(el("span", { class: "mark " + (rel ? "ok" : "bad") }, rel ? "✓" : "✗"));
       h.appendChild(el("span", { class: "tid" }, t.train.ids[j]));
       h.appendChild(el("span", { class: "grp" }, t.train.groups[j]));
       h.appendChild(el("span", { class: "score" }, "score " + fmt(m.topk_scores[i][r])));
+      if (tied) h.appendChild(el("span", { class: "tie", title: "another training example has exactly this score" }, "tied"));
       li.appendChild(h);
       li.appendChild(el("div", { class: "label" }, "prompt"));
       li.appendChild(el("div", { class: "text" }, t.train.prompts[j]));
@@ -626,11 +655,17 @@ _JS = r"""
   }
 
   // ---------------------------------------------------------------- metrics and figures
+  function metricCell(m, key, best, label, name) {   // the value, then its 95 % interval
+    const td = el("td", { class: best ? "best" : "", "data-task": label, "data-method": name, "data-metric": key });
+    td.appendChild(el("span", { class: "value" }, m ? pct(m[key]) : "–"));
+    if (m && ci(m[key + "_ci95"])) { td.appendChild(document.createTextNode(" ")); td.appendChild(el("span", { class: "ci" }, ci(m[key + "_ci95"]))); }
+    return td;
+  }
   function renderMetrics() {
     const box = $("metrics"); box.replaceChildren();
     const methods = [];
     DATA.tasks.forEach((t) => t.checkpoints.forEach((c) => c.methods.forEach((m) => { if (!methods.includes(m.name)) methods.push(m.name); })));
-    box.appendChild(el("p", { class: "hint" }, "Acc = share of test examples whose top-ranked training example is in their group; Cover = share of the top k that are (k = the group's size in train). Last checkpoint of each task; best per row in bold. Values in %."));
+    box.appendChild(el("p", { class: "hint" }, "Acc = share of test examples whose top-ranked training example is in their group; Cover = share of the top k that are (k = the group's size in train); tied scores count as the expected value over a uniformly random order of the tie. In brackets: the 95 % bootstrap interval over test examples. Last checkpoint of each task; best per row in bold. Values in %."));
     const table = el("table", { id: "overview-table" });
     const hr = el("tr"); hr.appendChild(el("th", null, "task (checkpoint)"));
     methods.forEach((n) => hr.appendChild(el("th", { colspan: "2" }, n)));
@@ -645,8 +680,8 @@ _JS = r"""
       const bestA = Math.max(...c.methods.map((m) => m.acc)), bestC = Math.max(...c.methods.map((m) => m.cover));
       methods.forEach((n) => {
         const m = byName[n];
-        tr.appendChild(el("td", { class: m && m.acc === bestA ? "best" : "", "data-task": t.label, "data-method": n, "data-metric": "acc" }, m ? pct(m.acc) : "–"));
-        tr.appendChild(el("td", { class: m && m.cover === bestC ? "best" : "", "data-task": t.label, "data-method": n, "data-metric": "cover" }, m ? pct(m.cover) : "–"));
+        tr.appendChild(metricCell(m, "acc", m && m.acc === bestA, t.label, n));
+        tr.appendChild(metricCell(m, "cover", m && m.cover === bestC, t.label, n));
       });
       table.appendChild(tr);
     });
@@ -656,11 +691,11 @@ _JS = r"""
       box.appendChild(el("h3", null, "Every checkpoint"));
       multi.forEach((t) => {
         const tb = el("table"); const h = el("tr");
-        ["checkpoint", "method", "Acc %", "Cover %", "seconds"].forEach((x) => h.appendChild(el("th", null, x)));
+        ["checkpoint", "method", "Acc % [95 % CI]", "Cover % [95 % CI]", "seconds"].forEach((x) => h.appendChild(el("th", null, x)));
         tb.appendChild(el("caption", null, t.label)); tb.appendChild(h);
         t.checkpoints.forEach((c) => c.methods.forEach((m) => {
           const r = el("tr");
-          [c.name, m.name, pct(m.acc), pct(m.cover), fmt(m.seconds)].forEach((x) => r.appendChild(el("td", null, x)));
+          [c.name, m.name, withCi(m.acc, m.acc_ci95), withCi(m.cover, m.cover_ci95), fmt(m.seconds)].forEach((x) => r.appendChild(el("td", null, x)));
           tb.appendChild(r);
         }));
         box.appendChild(tb);

@@ -215,15 +215,42 @@ def _metric(task: Mapping[str, Any], method: str, key: str) -> Optional[float]:
     return None if value is None or math.isinf(value) else value
 
 
-def _bold_best(cells: list[str], values: list[Optional[float]]) -> list[str]:
-    """Bold the cells holding the column's best value at printed precision (all ties),
-    when at least two cells hold a number."""
+def _interval(task: Mapping[str, Any], method: str, key: str) -> Optional[tuple[float, float]]:
+    """The ``KEY_ci95`` interval of a method's metric, or ``None`` when absent."""
+    entry = _methods(task).get(method)
+    ci = entry.get(f"{key}_ci95") if isinstance(entry, Mapping) else None
+    if not isinstance(ci, Sequence) or isinstance(ci, str) or len(ci) != 2:
+        return None
+    low, high = _number(ci[0]), _number(ci[1])
+    return None if low is None or high is None or math.isnan(low) or math.isnan(high) else (low, high)
+
+
+def format_with_interval(value: Optional[float], interval: Optional[tuple[float, float]]) -> str:
+    """``70.0 [55.0, 85.0]``: a fraction and its 95 % interval as percentages (the value
+    alone without an interval; ``–`` without a value)."""
+    if value is None:
+        return DASH
+    if interval is None:
+        return format_percent(value)
+    return f"{format_percent(value)} [{format_percent(interval[0])}, {format_percent(interval[1])}]"
+
+
+def _bold_best(cells: list[str], values: list[Optional[float]],
+               intervals: Optional[list[Optional[tuple[float, float]]]] = None) -> list[str]:
+    """Bold the column's best value (at printed precision, all ties) and, where intervals
+    are given, every value whose 95 % interval reaches the best value: the methods the
+    test set cannot tell apart from the best. Only when at least two cells hold a number."""
     shown = [None if v is None else round(100.0 * v, 1) for v in values]
     numbers = [s for s in shown if s is not None]
     if len(numbers) < 2:
         return cells
     best = max(numbers)
-    return [f"**{c}**" if s is not None and s == best else c for c, s in zip(cells, shown)]
+    intervals = intervals or [None] * len(values)
+
+    def bold(s: Optional[float], ci: Optional[tuple[float, float]]) -> bool:
+        return s is not None and (s == best or (ci is not None and round(100.0 * ci[1], 1) >= best))
+
+    return [f"**{c}**" if bold(s, ci) else c for c, s, ci in zip(cells, shown, intervals)]
 
 
 def _paper_label(table: PaperTable, index: int) -> str:
@@ -253,8 +280,10 @@ def render_results_table(results: Mapping[str, Any], tasks: Sequence[str],
         for metric_index, metric in enumerate(("acc", "cover")):
             name = "Acc" if metric == "acc" else "Cover"
             values = [_metric(all_tasks[task], m, metric) for m in methods]
+            intervals = [_interval(all_tasks[task], m, metric) for m in methods]
             header.append(f"{label} {name}")
-            columns.append(_bold_best([format_percent(v) for v in values], values))
+            columns.append(_bold_best([format_with_interval(v, ci) for v, ci in zip(values, intervals)],
+                                      values, intervals))
             for index, res in enumerate(paper_results):
                 header.append(f"{label} {name} ({_paper_label(paper, index)})")
                 cells = []
@@ -263,6 +292,32 @@ def render_results_table(results: Mapping[str, Any], tasks: Sequence[str],
                     cells.append(format_paper_percent(cell[metric_index]) if cell is not None else DASH)
                 columns.append(cells)
     rows = [[md_escape(method_label(m))] + [col[i] for col in columns] for i, m in enumerate(methods)]
+    return markdown_table(header, rows)
+
+
+def render_seed_table(results: Mapping[str, Any]) -> Optional[str]:
+    """Acc/Cover mean ± sample std over fine-tuning seeds (``across_seeds`` of each task
+    that has more than one seed), as percentages; ``None`` when no task has several."""
+    tasks = {t: e for t, e in _tasks(results).items()
+             if isinstance(e.get("across_seeds"), Mapping) and len(e["across_seeds"].get("seeds", [])) > 1}
+    if not tasks:
+        return None
+    methods = method_order(m for e in tasks.values() for m in e["across_seeds"]["methods"])
+    header = ["Method"] + [f"{md_escape(task_label(t))} {n} ({len(e['across_seeds']['seeds'])} seeds)"
+                           for t, e in tasks.items() for n in ("Acc", "Cover")]
+    rows = []
+    for m in methods:
+        row = [md_escape(method_label(m))]
+        for e in tasks.values():
+            per = e["across_seeds"]["methods"].get(m)
+            for metric in ("acc", "cover"):
+                summary = per.get(metric) if isinstance(per, Mapping) else None
+                if not isinstance(summary, Mapping) or _number(summary.get("mean")) is None:
+                    row.append(DASH)
+                    continue
+                std = _number(summary.get("std"))
+                row.append(format_percent(summary["mean"]) + (f" ± {100.0 * std:.1f}" if std is not None else ""))
+        rows.append(row)
     return markdown_table(header, rows)
 
 
@@ -308,7 +363,7 @@ def render_run_facts(results: Mapping[str, Any], task_order: Sequence[str]) -> s
     """Per task: train/test sizes, epochs, early stop, checkpoint, losses first → last and
     the seconds of fine-tuning, feature extraction and all methods together."""
     tasks = _tasks(results)
-    header = ["Task", "Train", "Test", "Epochs", "Stopped early", "Checkpoint",
+    header = ["Task", "Train", "Test", "Validation", "Epochs", "Stopped early", "Checkpoint",
               "Train loss (first → last epoch)", "Val loss (first → last epoch)",
               "Fine-tuning", "Features", "Methods (sum)"]
     rows = []
@@ -319,7 +374,7 @@ def render_run_facts(results: Mapping[str, Any], task_order: Sequence[str]) -> s
         method_seconds = [s for s in method_seconds if s is not None and not math.isinf(s)]
         rows.append([
             md_escape(task_label(name)), _count(task.get("n_train")), _count(task.get("n_test")),
-            _count(task.get("epochs")), _yes_no(task.get("stopped_early")),
+            _count(task.get("n_val")), _count(task.get("epochs")), _yes_no(task.get("stopped_early")),
             md_escape(task.get("checkpoint")) if task.get("checkpoint") else DASH,
             _losses(task.get("train_loss")), _losses(task.get("val_loss")),
             format_seconds(task.get("finetune_seconds")), format_seconds(task.get("feature_seconds")),
@@ -327,7 +382,10 @@ def render_run_facts(results: Mapping[str, Any], task_order: Sequence[str]) -> s
         ])
         if task.get("error"):
             errors.append(f"- {md_escape(task_label(name))}: failed: {md_escape(task['error'])}")
-    out = markdown_table(header, rows, ["l"] + ["r"] * 4 + ["l"] + ["r"] * 5)
+    out = markdown_table(header, rows, ["l"] + ["r"] * 5 + ["l"] + ["r"] * 5)
+    out += ("\n\nValidation: the examples behind the validation loss and early stopping, drawn from the task's "
+            "test file and never attributed: test-file rows the test subsample left out where there are any, "
+            "else held out of the test rows (and then excluded from Acc/Cover).")
     if errors:
         out += "\n\n" + "\n".join(errors)
     return out
@@ -445,8 +503,10 @@ def _header(results: Mapping[str, Any]) -> str:
         f"Acc: fraction of test examples whose top-ranked training example has the ground-truth group. "
         f"Cover: mean fraction of ground-truth training examples among each test example's top k, "
         f"k = the size of its ground-truth group in the training set. Both in %. "
-        f"Training examples are ranked by {ranking}. "
-        f"**Bold**: our best value per column. {DASH}: no result. "
+        f"Training examples are ranked by {ranking}; tied scores count as the expected value over a "
+        f"uniformly random order of the tie (computed exactly), so the order of the training file never "
+        f"decides a metric. In brackets: the 95 % bootstrap interval over test examples (2,000 resamples). "
+        f"**Bold**: our best value per column and every value whose interval reaches it. {DASH}: no result. "
         f"Paper columns: the published numbers of \"{PAPER_TITLE}\" ({PAPER_ARXIV}), for their models "
         f"and data sizes, not for this run's.",
     ]
@@ -485,6 +545,14 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str], *,
         body = render_results_table(results, others, None)
         sections.append(f"## Other tasks\n\nTasks outside the paper's Tables 2–4; no paper numbers.\n\n{body}")
 
+    seed_table = render_seed_table(results)
+    if seed_table is not None:
+        single = [t for t, e in tasks.items() if len((e.get("across_seeds") or {}).get("seeds", [0])) <= 1]
+        sections.append("## Across fine-tuning seeds\n\nMean ± sample standard deviation (ddof = 1) of Acc and "
+                        "Cover over independent fine-tuning seeds (LoRA initialisation, data order, dropout; the "
+                        "same data). The tables above show the first seed with its bootstrap interval. "
+                        + (f"Tasks with a single seed: {', '.join(md_escape(task_label(t)) for t in single)}.\n\n"
+                           if single else "\n\n") + seed_table)
     order = in_tables + others
     if order:
         sections.append("## Run facts\n\n" + render_run_facts(results, order))

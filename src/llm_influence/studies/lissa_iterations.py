@@ -34,15 +34,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from ..attribute import AttributeArgs, method_kwargs
-from ..config import TrainArgs, get_profile
-from ..data import load_task
+from ..config import TrainArgs, get_profile, load_profile_task
 from ..data.example import TaskData
 from ..errors import UserError
 from ..evaluation.metrics import evaluate_scores, relevance_from_task
@@ -99,7 +98,7 @@ def _wanted_config(task: TaskData, task_config: dict, model: str, lora: LoraSpec
     """The ``task`` and ``finetune`` sections :func:`finetune` writes for these arguments."""
     return _roundtrip({
         "task": {"name": task.name, **task_config, "train_ids": [e.id for e in task.train],
-                 "test_ids": [e.id for e in task.test]},
+                 "test_ids": [e.id for e in task.test], "val_ids": [e.id for e in task.val]},
         "finetune": {"model": model, "lora": lora.to_dict(), "train": asdict(args)},
     })
 
@@ -169,12 +168,8 @@ def profile_task_run(study: str, task_name: str, profile_name: str, out_dir: Pat
     reused (:func:`ensure_finetuned`). Overrides make a study-specific run named ``tag``.
     """
     profile = get_profile(profile_name)
-    tp = profile.task(task_name)
-    args = replace(profile.train_args(task_name), **(train or {}))
-    tpg = tp.train_per_group if train_per_group is None else train_per_group
-    tepg = tp.test_per_group if test_per_group is None else test_per_group
-    task = load_task(task_name, data_dir, train_per_group=tpg, test_per_group=tepg, seed=args.seed)
-    task_config = {"profile": profile.name, "train_per_group": tpg, "test_per_group": tepg}
+    task, args, task_config = load_profile_task(profile, task_name, data_dir, train_per_group=train_per_group,
+                                                test_per_group=test_per_group, train=train)
     shareable = lora is None and not train and train_per_group is None and test_per_group is None
     return ensure_finetuned(study, out_dir, runs, task=task, task_config=task_config, model=profile.model,
                             lora=lora or profile.lora, args=args, tag=tag or task_name, shareable=shareable)
@@ -193,8 +188,8 @@ def score_checkpoint(run: RunDir, checkpoint: str, specs: Sequence[tuple[str, st
     Features (per-example LoRA gradients ``{block: [n, rows, cols]}``, float32; representations
     ``[n, hidden]``) come from the run's feature cache or are extracted once and cached; every
     method is fitted on the training split and scores the test split (``[n_test, n_train]``,
-    higher = more helpful) in memory; the scores are ranked after rounding to float32, exactly
-    as the attribute stage stores them, so Acc/Cover equal what ``evaluate`` reports for the
+    higher = more helpful) in memory; the scores are ranked in float64, exactly as the attribute
+    stage stores them, so Acc/Cover equal what ``evaluate`` reports for the
     same run, checkpoint and method arguments. Returns ``{label: {"acc", "cover", "n_scored",
     "n_skipped", "seconds", "diagnostics"}}`` with Acc/Cover in [0, 1] against the run's
     ground truth (same group) and ``diagnostics`` the method's scalar solver facts
@@ -216,9 +211,9 @@ def score_checkpoint(run: RunDir, checkpoint: str, specs: Sequence[tuple[str, st
         method.fit(train)
         scores = method.score(test)
         seconds = time.perf_counter() - t0
-        # ranked in float32, as the attribute stage stores scores, so the numbers equal metrics.json's
-        m = evaluate_scores(scores.float(), relevant, rank_by=rank_by)
-        out[label] = {"acc": float(m.acc), "cover": float(m.cover), "n_scored": int(m.n_scored),
+        m = evaluate_scores(scores.double(), relevant, rank_by=rank_by)
+        out[label] = {"acc": float(m.acc), "cover": float(m.cover), "acc_ci95": list(m.acc_ci95),
+                      "cover_ci95": list(m.cover_ci95), "n_scored": int(m.n_scored),
                       "n_skipped": int(m.n_skipped), "seconds": seconds,
                       "diagnostics": diagnostics_summary(method.diagnostics)}
     return out

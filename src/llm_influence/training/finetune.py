@@ -18,6 +18,12 @@ Reliability (what a rerun of the same command does):
   LoRA weight stops the run with the epoch, step and example ids, before a checkpoint
   holding it is written.
 * One process at a time per run directory (an advisory lock, ``RUN/.finetune.lock``).
+
+Precision: ``args.autocast="bf16"`` is a request; the training step runs under bfloat16
+autocast only where it is native (:func:`llm_influence.hardware.resolve_autocast`), else in
+float32 after one warning. Every training epoch's row of ``train_log.jsonl`` records what
+was used (``effective_autocast``: ``"bf16"`` or ``"none"``); the run's inputs digest keeps
+the requested value only, so a float32 run's checkpoints and digests are unchanged.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ import torch
 
 from ..config import TrainArgs
 from ..data.example import Example, TaskData
-from ..data.tasks import subsample
 from ..errors import UserError, warn
+from ..hardware import resolve_autocast
 from ..io_utils import append_jsonl, atomic_path, publish_dir
 from ..models.formatting import ChatFormatter, Encoded, collate, model_inputs
 from ..models.lora import LoraSpec, attach_lora, lora_parameters
@@ -274,7 +280,8 @@ def finetune(
         raise UserError(f"task {task.name!r}: no training examples")
     run = RunDir(run_path)
     wanted = {"name": task.name, **(task_config or {}),
-              "train_ids": [e.id for e in task.train], "test_ids": [e.id for e in task.test]}
+              "train_ids": [e.id for e in task.train], "test_ids": [e.id for e in task.test],
+              "val_ids": [e.id for e in task.val]}
     finetune_cfg = {"model": model_name, "lora": lora.to_dict(), "train": asdict(args)}
     if run.exists() and run.epochs():  # a run without any checkpoint holds nothing to protect
         cfg = run.config()
@@ -297,7 +304,7 @@ def finetune(
 def _finetune_locked(run: RunDir, task: TaskData, wanted: dict, finetune_cfg: dict, model, tokenizer, *,
                      args: TrainArgs, stop_after_steps: Optional[int],
                      on_step: Optional[Callable[[int], None]]) -> FinetuneResult:
-    inputs_sha256 = inputs_digest({"task": wanted, "finetune": finetune_cfg}, task.train, task.test)
+    inputs_sha256 = inputs_digest({"task": wanted, "finetune": finetune_cfg}, task.train, task.test, task.val)
     last = _resume_epoch(run, inputs_sha256)
     run.save_task(task)
     run.update_config("task", wanted)
@@ -305,7 +312,10 @@ def _finetune_locked(run: RunDir, task: TaskData, wanted: dict, finetune_cfg: di
 
     formatter = ChatFormatter(tokenizer, max_length=args.max_length, loss_on=args.loss_on)
     train_enc = [formatter.encode(e) for e in task.train]
-    val_examples = subsample(task.test, args.val_per_group, args.seed) if args.validation == "test" else []
+    val_examples = list(task.val) if args.validation == "held-out" else []
+    if args.validation == "held-out" and not val_examples:
+        warn(f"task {task.name!r}: no validation examples (load the task with val_per_group); "
+             "training runs without validation loss or early stopping")
     val_enc = [formatter.encode(e) for e in val_examples]
     pad_id = tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
@@ -347,6 +357,8 @@ def _finetune_locked(run: RunDir, task: TaskData, wanted: dict, finetune_cfg: di
         save_checkpoint(0, {"step": 0, "epoch": 0, "val_history": val_history, "train_loss": train0, "val_loss": val0,
                  "finished": False})
 
+    device = next(model.parameters()).device
+    effective_autocast = resolve_autocast(args.autocast, device)  # "bf16" only where it is native
     t_start = time.time()
     model.train()
     steps_this_call = 0
@@ -363,7 +375,7 @@ def _finetune_locked(run: RunDir, task: TaskData, wanted: dict, finetune_cfg: di
                 batch = collate([train_enc[i] for i in rows], pad_id)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, args)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=effective_autocast == "bf16"):
                     logits = model(**model_inputs(batch)).logits
                 losses = per_example_loss(logits, batch["labels"])
                 loss = losses.mean()
@@ -405,7 +417,7 @@ def _finetune_locked(run: RunDir, task: TaskData, wanted: dict, finetune_cfg: di
         finished = stopped_early or epoch == args.epochs
         append_jsonl(run.train_log, {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": train_loss,
                                      "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"],
-                                     "seconds": time.time() - t_epoch})
+                                     "seconds": time.time() - t_epoch, "effective_autocast": effective_autocast})
         save_checkpoint(epoch, {"step": step, "epoch": epoch, "val_history": val_history, "train_loss": train_loss,
                      "val_loss": val_loss, "finished": finished, "stopped_early": stopped_early,
                      "lr": optimizer.param_groups[0]["lr"]})

@@ -31,12 +31,13 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CHECKED_FILES = ("adapter_config.json", ADAPTER_FILE, OPTIMIZER_FILE)
 
 
-def inputs_digest(config: dict[str, Any], train: Iterable[Example], test: Iterable[Example]) -> str:
+def inputs_digest(config: dict[str, Any], train: Iterable[Example], test: Iterable[Example],
+                  val: Iterable[Example] = ()) -> str:
     """SHA-256 over ``config`` (canonical JSON) and every example's id, prompt and response
-    (train, then test: the test split is the validation data). Groups are left out: they
-    do not change training."""
+    (train, test, then the validation examples, which drive early stopping). Groups are
+    left out: they do not change training."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode("utf-8"))
-    for split, examples in (("train", train), ("test", test)):
+    for split, examples in (("train", train), ("test", test), ("val", val)):
         h.update(f"\0{split}\0".encode())
         for ex in examples:
             h.update(json.dumps([ex.id, ex.prompt, ex.response], ensure_ascii=False).encode("utf-8") + b"\n")
