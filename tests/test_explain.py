@@ -68,8 +68,8 @@ def test_explain_ranks_like_attribute_on_the_run(run, tmp_path):
             got = e.top[method]
             assert [x.id for x in got] == [meta["train_ids"][j] for j in order[i, :4].tolist()]
             assert [x.rank for x in got] == tie_ranks(scores)[i, :4].tolist()
-            torch.testing.assert_close(torch.tensor([x.score for x in got]), scores[i, order[i, :4]],
-                                       rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(torch.tensor([x.score for x in got], dtype=torch.float64),
+                                       scores[i, order[i, :4]], rtol=1e-5, atol=1e-7)
             assert [x.group for x in got] == [task.train[j].group for j in order[i, :4].tolist()]
 
 

@@ -127,7 +127,7 @@ def _cpu() -> Profile:
         lora=LoraSpec(),
         train=TrainArgs(epochs=4, batch_size=8, lr=1e-3, max_length=96, val_per_group=8, autocast="none"),
         tasks={
-            "mixed-small": TaskProfile(train=dict(epochs=5, val_per_group=16)),
+            "mixed-small": TaskProfile(train=dict(epochs=5, val_per_group=8)),  # all 40 test rows: 8 held out
             "mixed-large": TaskProfile(train_per_group={"harmful": 20, "benign": 80}, test_per_group=40,
                                        train=dict(val_per_group=16)),
             "grammars": TaskProfile(train_per_group=10, test_per_group=3, train=dict(val_per_group=1)),
