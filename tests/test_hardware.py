@@ -141,11 +141,12 @@ def test_finetune_records_the_effective_autocast(fake_cpu, tmp_path, capsys):
 
     fake_cpu(AVX2_ONLY, capability="AVX2")
     train = [Example(f"t{i}", f"Say colour {i % 2}.", ["red", "blue"][i % 2] + " it is.", str(i % 2)) for i in range(4)]
-    task = TaskData("colours", train, train[:2])
+    task = TaskData("colours", train, train[:2])  # no validation: this test is about autocast
     lora = LoraSpec(r=4, alpha=32, dropout=0.0)
     runs = {}
     for autocast in ("bf16", "none"):
-        args = TrainArgs(epochs=1, batch_size=2, lr=1e-3, max_length=32, eval_batch_size=4, autocast=autocast)
+        args = TrainArgs(epochs=1, batch_size=2, lr=1e-3, max_length=32, eval_batch_size=4, validation="none",
+                         autocast=autocast)
         finetune(tmp_path / autocast, task, model_name="tiny-llama", lora=lora, args=args)
         rows = [json.loads(line) for line in (tmp_path / autocast / "train_log.jsonl").read_text().splitlines()]
         assert [r.get("effective_autocast") for r in rows if r["kind"] == "epoch" and r["epoch"] >= 1] == ["none"]

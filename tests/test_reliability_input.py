@@ -91,7 +91,9 @@ def _bad_line(kind: str, data) -> tuple[bytes, str | None]:
     elif kind == "surrogate":
         text = json.dumps(row)
         token = json.dumps(row[field])
-        return text.replace(token, token[:-1] + "\\udc80" + '"', 1).encode(), field
+        # replace the value at its key: another field may hold the same text
+        key = f"{json.dumps(field)}: "
+        return text.replace(key + token, key + token[:-1] + "\\udc80" + '"', 1).encode(), field
     elif kind == "bad-id":
         field = "id"
         row["id"] = data.draw(st.one_of(st.floats(), st.booleans(), st.none(), st.lists(st.integers(), max_size=2),
@@ -229,9 +231,8 @@ def test_all_test_groups_absent_from_training_is_an_error(tmp_path, capsys):
 
 
 def test_test_group_absent_from_training_is_warned_and_excluded_from_metrics(tmp_path, capsys):
-    """Documented handling: a warning at load time; fine-tuning runs (here with --autocast
-    bf16, the only accelerator-type option, which is CPU autocast and needs no GPU); the
-    test examples of the absent group are excluded from Acc/Cover and counted in
+    """Documented handling: a warning at load time; fine-tuning runs (without validation,
+    so every test row is attributed); the test examples of the absent group are excluded from Acc/Cover and counted in
     n_skipped, and Acc is over the others exactly."""
     import torch
 
@@ -243,7 +244,7 @@ def test_test_group_absent_from_training_is_warned_and_excluded_from_metrics(tmp
     test = _write(tmp_path / "test.jsonl", [{"prompt": f"Say {g}.", "response": f"{g} it is.", "group": g}
                                             for g in ["a", "zz", "b", "zz"]])
     run = tmp_path / "run"
-    status, err = _run(_finetune(train, test, run) + ["--autocast", "bf16"], capsys)
+    status, err = _run(_finetune(train, test, run) + ["--validation", "none"], capsys)
     assert status == 0, err
     assert err.strip() == (f"llm-influence: warning: {test}:2: field 'group': test group(s) 'zz' absent from the "
                            "training data: their 2 test example(s) have no relevant training example and are "

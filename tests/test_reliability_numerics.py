@@ -29,8 +29,9 @@ def _task() -> TaskData:
     colours = ["red", "green", "blue"]
     train = [Example(f"t{i}", f"Say the colour number {i % 3}.", colours[i % 3] + " it is.", colours[i % 3])
              for i in range(12)]
-    test = [Example(f"v{i}", f"Say the colour number {i}.", colours[i] + " it is.", colours[i]) for i in range(3)]
-    return TaskData("colours", train, test)
+    test = [Example(f"v{i}", f"Name the colour number {i}.", colours[i] + " it is.", colours[i]) for i in range(3)]
+    val = [Example(f"w{i}", f"Say the colour number {i}.", colours[i] + " it is.", colours[i]) for i in range(3)]
+    return TaskData("colours", train, test, val=val)
 
 
 def _checkpoints(run: Path) -> list[str]:
@@ -93,7 +94,7 @@ def test_nan_validation_loss_names_the_validation_example(tmp_path, monkeypatch)
 
     _patch_loss(monkeypatch, poison)
     with pytest.raises(UserError, match=r"^fine-tuning, initial validation loss: non-finite loss for example\(s\) "
-                                        r"'v2'; the model or LoRA weights hold NaN/Inf"):
+                                        r"'w2'; the model or LoRA weights hold NaN/Inf"):
         finetune(tmp_path / "run", _task(), model_name="tiny-llama", lora=LORA, args=ARGS)
     assert _checkpoints(tmp_path / "run") == []
 
@@ -140,7 +141,7 @@ def test_huge_learning_rate_via_the_cli(tmp_path, capsys, lr, message):
     assert _checkpoints(run) == ["epoch-0"]
     for folder in (run / "checkpoints").iterdir():
         state = json.loads((folder / "trainer_state.json").read_text())
-        assert all(math.isfinite(x) for x in (state["train_loss"], state["val_loss"]))
+        assert all(math.isfinite(x) for x in (state["train_loss"], state["val_loss"]) if x is not None)
 
 
 # --------------------------------------------------------------------------- scores and metrics

@@ -25,10 +25,10 @@ class TrainArgs:
     evaluations (the paper's rule); it needs a validation split: ``validation="held-out"``
     (default) uses the task's ``val`` examples, ``val_per_group`` per group drawn from the
     test file but never attributed (:func:`llm_influence.data.tasks.split_validation`);
-    ``"none"`` trains without validation. ``autocast="bf16"`` asks for the training
+    ``"none"`` (or ``val_per_group=None``) trains without validation. ``autocast="bf16"`` asks for the training
     forward/backward under bfloat16 autocast (weights, optimizer state and the saved adapter
     stay float32); it is used only where bfloat16 is native (a CUDA GPU with bf16, or a CPU
-    with AVX512-BF16/AMX-BF16: ~1.5x faster there), otherwise the run warns once and trains
+    with AVX512-BF16/AMX-BF16: ~1.5-2x faster there), otherwise the run warns once and trains
     in float32 (:func:`llm_influence.hardware.resolve_autocast`; emulated bf16 was 29x slower
     than float32 on an AVX2-only CPU). The default, and every profile's, is ``"none"``
     (float32). Attribution features are always computed in float32 or float64.
@@ -100,7 +100,7 @@ def _smoke() -> Profile:
         name="smoke", model="tiny-llama",
         description="tiny-llama on tiny subsets: the whole pipeline in seconds (tests)",
         lora=LoraSpec(r=4, alpha=32, dropout=0.0),
-        train=TrainArgs(epochs=2, batch_size=4, lr=1e-3, max_length=64, eval_batch_size=8),
+        train=TrainArgs(epochs=2, batch_size=4, lr=1e-3, max_length=64, eval_batch_size=8, val_per_group=1),
         tasks={name: small for name in [
             "mixed-small", "mixed-large", "grammars", "math", "harmfulcheck",
             "backdoor-1", "backdoor-3", "backdoor-5", "mixed-l", "emotion", "grammars-rule"]},
@@ -118,9 +118,8 @@ def _cpu() -> Profile:
     # ~0.6 s per example and a validation forward ~0.15 s. So: 96-token sequences (the
     # prompt and the first ~50 response tokens, which already separate harmful/benign,
     # refusal/compliance and the trigger classes; grammar and math examples fit whole in
-    # 96/112 tokens), ~100
-    # training examples (all 40 for mixed-small), 30-40 test examples, 4-5 epochs at
-    # lr 1e-3, validation on at most 16 test examples.
+    # 96/112 tokens), ~100 training examples (all 40 for mixed-small), 30-40 test
+    # examples, 4-5 epochs at lr 1e-3, validation on at most 16 test examples.
     return Profile(
         name="cpu", model="smollm2-135m",
         description="embedded SmolLM2-135M on stratified subsets, every task in about 45 minutes on 2 CPU cores",

@@ -313,8 +313,8 @@ def _finetune_locked(run: RunDir, task: TaskData, wanted: dict, finetune_cfg: di
     formatter = ChatFormatter(tokenizer, max_length=args.max_length, loss_on=args.loss_on)
     train_enc = [formatter.encode(e) for e in task.train]
     val_examples = list(task.val) if args.validation == "held-out" else []
-    if args.validation == "held-out" and not val_examples:
-        warn(f"task {task.name!r}: no validation examples (load the task with val_per_group); "
+    if args.validation == "held-out" and args.val_per_group is not None and not val_examples:
+        log(f"task {task.name!r}: no validation examples (no test group has a row to spare); "
              "training runs without validation loss or early stopping")
     val_enc = [formatter.encode(e) for e in val_examples]
     pad_id = tokenizer.pad_token_id
