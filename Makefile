@@ -31,7 +31,7 @@ demo: $(STAMP)
 # Regenerates results/cpu (keep the command in step with README "Results"); the runs stay in runs/cpu.
 reproduce: $(STAMP)
 	$(BIN)/llm-influence reproduce --profile cpu --seeds 3 --seed-tasks mixed-small,backdoor-1 --out runs/cpu
-	rm -rf results/cpu && mkdir -p results/cpu
+	mkdir -p results/cpu && find results/cpu -mindepth 1 ! -name report-screenshot.png -delete
 	tar -C runs/cpu --exclude=./runs -cf - . | tar -C results/cpu -xf -
 
 test: $(STAMP)
