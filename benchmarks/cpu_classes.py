@@ -57,27 +57,13 @@ ENV = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
 
 def _setup(task_name: str, n: int, seed: int):
-    from llm_influence.config import get_profile
-    from llm_influence.data.tasks import load_task
-    from llm_influence.models.formatting import ChatFormatter, collate
-    from llm_influence.models.lora import attach_lora, lora_parameters
-    from llm_influence.models.registry import load_model
+    """The extraction benchmark's model and first ``n`` training examples, as one batch."""
+    from extraction import _setup as extraction_setup
 
-    profile = get_profile("cpu")
-    targs = profile.train_args(task_name)
-    tp = profile.task(task_name)
-    task = load_task(task_name, train_per_group=tp.train_per_group, test_per_group=tp.test_per_group, seed=0)
-    model, tokenizer, _ = load_model(profile.model)
-    model = attach_lora(model, profile.lora, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora_parameters(model).items():
-            if name.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 1e-3)
-    formatter = ChatFormatter(tokenizer, max_length=targs.max_length, loss_on=targs.loss_on)
-    encoded = [formatter.encode(e) for e in task.train[:n]]
-    batch = collate(encoded, tokenizer.pad_token_id)
-    return profile, targs, model, batch
+    from llm_influence.models.formatting import collate
+
+    profile, targs, model, pad_id, encoded = extraction_setup(task_name, n, seed)
+    return profile, targs, model, collate(encoded, pad_id)
 
 
 def make_step(model, batch, lr: float, max_grad_norm: float):

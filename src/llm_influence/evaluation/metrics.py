@@ -163,7 +163,8 @@ def expected_relevant_in_top(scores: np.ndarray, relevant: np.ndarray, k: np.nda
     ``k[i]`` of row ``i``, over a uniformly random order of tied scores (exact).
 
     ``scores`` checked float64 ``[n_test, n_train]``, ``relevant`` bool of the same shape,
-    ``1 <= k[i] <= n_train``. The run of tied keys that the cut-off falls into, of length
+    ``1 <= k[i] <= n_train``. ``k`` may also be ``[m, n_test]`` (m cut-offs per row, e.g.
+    Acc's 1 and Cover's k, from one sort); the result then has the same shape. The run of tied keys that the cut-off falls into, of length
     ``t`` with ``r`` relevant members of which ``u`` positions are inside the top ``k``,
     contributes ``u * r / t``; everything ranked strictly above it counts fully."""
     order = _order(scores, rank_by)
@@ -335,9 +336,10 @@ def evaluate_scores(
         )
     k_arr = _resolve_k(k, n_relevant, n_train)
 
-    hit = expected_relevant_in_top(arr, rel, np.ones(n_test, dtype=np.int64), rank_by)
     k_safe = np.maximum(k_arr, 1)
-    cov = expected_relevant_in_top(arr, rel, k_safe, rank_by) / k_safe
+    hit, in_top_k = expected_relevant_in_top(arr, rel, np.stack([np.ones(n_test, dtype=np.int64), k_safe]),
+                                             rank_by)
+    cov = in_top_k / k_safe
 
     per_hit = np.where(scored, hit, np.nan)
     per_cov = np.where(scored, cov, np.nan)
