@@ -3,16 +3,18 @@
 #               make test       (set up, then run the test suite)
 #               make reproduce  (every number, table and figure of the README and results/cpu:
 #                               all tasks, 3 seeds for mixed-small and backdoor-1, every study -> results/cpu)
-# The data directory defaults to ../shared/data; override with DATA=/path/to/data.
+# The data directory: DATA=/path, else $LLM_INFLUENCE_DATA, else ../shared/data if it exists,
+# else ./data -- which `make demo`/`make reproduce` fill with `llm-influence data fetch`
+# (downloaded from the pinned upstream commits and verified) when it does not exist yet.
 PYTHON ?= python3
 VENV ?= .venv
-DATA ?= $(abspath ../shared/data)
+DATA ?= $(or $(LLM_INFLUENCE_DATA),$(if $(wildcard ../shared/data/SHA256SUMS),$(abspath ../shared/data),$(abspath data)))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-export LLM_INFLUENCE_DATA ?= $(DATA)
+export LLM_INFLUENCE_DATA := $(DATA)
 
-.PHONY: setup demo reproduce test test-slow clean
+.PHONY: setup data demo reproduce test test-slow clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,11 +27,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+# A data directory that exists is verified (exit 2 naming the first bad file); a missing one is fetched.
+data: $(STAMP)
+	@if [ ! -d "$(DATA)" ]; then \
+	  echo "make: no data directory at $(DATA); fetching it (llm-influence data fetch --to $(DATA))"; \
+	  $(BIN)/llm-influence data fetch --to "$(DATA)"; \
+	fi
+	@$(BIN)/llm-influence data verify --data-dir "$(DATA)"
+
+demo: data
 	$(BIN)/llm-influence reproduce --profile cpu --tasks mixed-small,backdoor-1 --studies '' --out runs/demo
 
 # Regenerates results/cpu (keep the command in step with README "Results"); the runs stay in runs/cpu.
-reproduce: $(STAMP)
+reproduce: data
 	$(BIN)/llm-influence reproduce --profile cpu --seeds 3 --seed-tasks mixed-small,backdoor-1 --out runs/cpu
 	mkdir -p results/cpu && find results/cpu -mindepth 1 ! -name report-screenshot.png -delete
 	tar -C runs/cpu --exclude=./runs -cf - . | tar -C results/cpu -xf -

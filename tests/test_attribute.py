@@ -81,7 +81,7 @@ def test_scores_are_reused_and_recomputed_when_arguments_change(run):
     first = attribute(run, AttributeArgs(methods=("datainf",)))
     again = attribute(run, AttributeArgs(methods=("datainf",)))
     assert again[0].reused
-    changed = attribute(run, AttributeArgs(methods=("datainf",), damping_ratio=0.5))
+    changed = attribute(run, AttributeArgs(methods=("datainf",), method_args={"datainf": {"damping_ratio": 0.5}}))
     assert not changed[0].reused
     s_new, meta = read_scores(first[0].path)
     assert meta["arguments"]["damping_ratio"] == 0.5
@@ -92,8 +92,8 @@ def test_scores_do_not_depend_on_extraction_batch_size(tmp_path, run):
 
     other = tmp_path / "copy"
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("features", "scores"))
-    a = attribute(run, AttributeArgs(methods=("datainf", "exact", "repsim"), batch_size=1, force=True))
-    b = attribute(other, AttributeArgs(methods=("datainf", "exact", "repsim"), batch_size=5, force=True))
+    a = attribute(run, AttributeArgs(methods=("datainf", "exact", "repsim"), extract_batch_size=1, force=True))
+    b = attribute(other, AttributeArgs(methods=("datainf", "exact", "repsim"), extract_batch_size=5, force=True))
     for ra, rb in zip(a, b):
         sa, _ = read_scores(ra.path)
         sb, _ = read_scores(rb.path)

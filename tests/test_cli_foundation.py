@@ -66,4 +66,4 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert main(["generate", "--run", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "not a run directory" in capsys.readouterr().err
     assert main(["finetune", "--task", "mixed-small", "--profile", "nope", "--out", str(tmp_path / "r")]) == 2
-    assert "unknown profile" in capsys.readouterr().err
+    assert "argument --profile: invalid choice: 'nope'" in capsys.readouterr().err

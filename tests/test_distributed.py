@@ -40,8 +40,8 @@ from llm_influence import distributed
 from llm_influence.attribute import AttributeArgs, attribute
 world = distributed.current()
 assert world.size == 2 and world.backend == "gloo", world
-attribute(sys.argv[1], AttributeArgs(methods=tuple(sys.argv[3].split(",")), chunk_size=int(sys.argv[4]), batch_size=3))
-attribute(sys.argv[2], AttributeArgs(methods=tuple(sys.argv[5].split(",")), chunk_size=int(sys.argv[4]), batch_size=3,
+attribute(sys.argv[1], AttributeArgs(methods=tuple(sys.argv[3].split(",")), chunk_size=int(sys.argv[4]), extract_batch_size=3))
+attribute(sys.argv[2], AttributeArgs(methods=tuple(sys.argv[5].split(",")), chunk_size=int(sys.argv[4]), extract_batch_size=3,
                                      project_dim=int(sys.argv[6]), project_seed=5))
 distributed.shutdown()
 """
@@ -102,8 +102,8 @@ def test_two_gloo_processes_equal_one_process(base_run, tmp_path, monkeypatch):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    attribute(full1, AttributeArgs(methods=METHODS, chunk_size=CHUNK, batch_size=3))
-    attribute(proj1, AttributeArgs(methods=PROJECTED_METHODS, chunk_size=CHUNK, batch_size=3,
+    attribute(full1, AttributeArgs(methods=METHODS, chunk_size=CHUNK, extract_batch_size=3))
+    attribute(proj1, AttributeArgs(methods=PROJECTED_METHODS, chunk_size=CHUNK, extract_batch_size=3,
                                    project_dim=PROJECT_DIM, project_seed=5))
 
     for name in METHODS:

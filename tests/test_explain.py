@@ -59,7 +59,7 @@ class ForwardCounter:
 def test_explain_ranks_like_attribute_on_the_run(run, tmp_path):
     task = RunDir(run).load_task()
     queries = [Query(f"x{i}", ex.prompt, ex.response) for i, ex in enumerate(task.test)]
-    result = explain(queries, args_from_run(run, methods=METHODS, top=4, cache_dir=tmp_path / "cache"))
+    result = explain(queries, args_from_run(run, methods=METHODS, top_k=4, cache_dir=tmp_path / "cache"))
     for method in METHODS:
         scores, meta = read_scores(run / "scores" / "epoch-2" / f"{method}.safetensors")
         order = rank_training(scores)
@@ -75,7 +75,7 @@ def test_explain_ranks_like_attribute_on_the_run(run, tmp_path):
 
 def test_second_query_costs_only_the_query_forward_passes(run, tmp_path, monkeypatch):
     counter = ForwardCounter(monkeypatch)
-    args = args_from_run(run, methods=("datainf", "repsim"), top=3, cache_dir=tmp_path / "cache")
+    args = args_from_run(run, methods=("datainf", "repsim"), top_k=3, cache_dir=tmp_path / "cache")
     first = explain([Query("a", "Question 20: name colour 1?", "green grass")], args)
     n_train = len(RunDir(run).load_task().train)
     assert not first.train_features_reused
@@ -98,7 +98,7 @@ def test_without_response_the_greedy_generation_is_explained(tmp_path):
     finetune(run, TaskData("c", train, []), model_name="tiny-llama", lora=LoraSpec(r=4, alpha=32, dropout=0.0),
              args=TrainArgs(epochs=8, batch_size=3, lr=3e-2, max_length=48, seed=1, validation="none"))
     prompt = "Question 30: name colour 0?"
-    result = explain([Query("g", prompt)], args_from_run(run, methods=("repsim",), top=2,
+    result = explain([Query("g", prompt)], args_from_run(run, methods=("repsim",), top_k=2,
                                                         max_new_tokens=6, cache_dir=tmp_path / "c"))
     model, formatter, _ = load_finetuned(RunDir(run), "last")
     expected = generate(model, formatter, [prompt], max_new_tokens=6)[0]
@@ -117,7 +117,7 @@ def test_fresh_lora_scores_are_projected_full_weight_gradients(tmp_path, tiny):
     train = _task().train[:3]
     write_examples(tmp_path / "train.jsonl", train)
     spec = LoraSpec(r=2, alpha=6, dropout=0.0)
-    args = ExplainArgs(model="tiny-llama", train=tmp_path / "train.jsonl", methods=("gradsim",), top=3,
+    args = ExplainArgs(model="tiny-llama", train=tmp_path / "train.jsonl", methods=("gradsim",), top_k=3,
                        max_length=48, lora=spec, seed=3, cache_dir=tmp_path / "cache")
     query = Query("q", "Question 9: name colour 1?", "green grass")
     result = explain([query], args)
@@ -150,7 +150,7 @@ def test_cli_batch_json_and_csv(run, tmp_path, capsys):
     queries = tmp_path / "queries.jsonl"
     queries.write_text(json.dumps({"id": "first", "prompt": "Question 40: name colour 0?", "response": "red sky"})
                        + "\n" + json.dumps({"prompt": "Question 41: name colour 1?", "response": "green"}) + "\n")
-    common = ["explain", "--run", str(run), "--queries", str(queries), "--methods", "gradsim,repsim", "--top", "3",
+    common = ["explain", "--run", str(run), "--queries", str(queries), "--methods", "gradsim,repsim", "--top-k", "3",
               "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     assert main(common + ["--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -216,7 +216,7 @@ def test_bad_arguments_exit_2(run, tmp_path, capsys):
         (["--model", "tiny-llama", "--train", str(run / "data" / "train.jsonl"), "--adapter", str(tmp_path),
           "--prompt", "p"], "not a peft adapter folder"),
         (["--run", str(run), "--prompt", "p", "--methods", "nosuch"], "nosuch"),
-        (["--run", str(run), "--prompt", "p", "--top", "0"], "--top"),
+        (["--run", str(run), "--prompt", "p", "--top-k", "0"], "--top-k"),
         (["--run", str(run)], "give a --prompt or a --queries file"),
     ]
     for extra, message in cases:

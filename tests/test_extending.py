@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm_influence.attribute import read_scores
 from llm_influence.cli import main
 from llm_influence.config import TrainArgs
 from llm_influence.data import Example, TaskData
@@ -50,12 +51,16 @@ def private_registry(monkeypatch):
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
 
 
+def _block_sims(test, train, blocks):
+    return sum(test.flat(b).double() @ train.flat(b).double().T for b in blocks)
+
+
 def test_readme_method_runs_through_attribute_and_evaluate(run, tmp_path, capsys):
     plugin = tmp_path / "my_methods.py"
     plugin.write_text(readme_method_example(), encoding="utf-8")
     assert main(["attribute", "--run", str(run), "--plugin", str(plugin), "--methods", "last-block-sim,gradsim",
-                 "--quiet"]) == 0
-    assert main(["evaluate", "--run", str(run), "--plugin", str(plugin), "--quiet"]) == 0
+                 "--method-arg", "last-block-sim.blocks=2", "--quiet"]) == 0
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0  # scores files carry everything
     out = capsys.readouterr().out
     assert "last-block-sim" in out
 
@@ -64,17 +69,67 @@ def test_readme_method_runs_through_attribute_and_evaluate(run, tmp_path, capsys
     rd = RunDir(run)
     train = extract_features(rd, "epoch-1", "train", need={"grads"})
     test = extract_features(rd, "epoch-1", "test", need={"grads"})
-    last = train.blocks[-1]
-    by_hand = test.flat(last).double() @ train.flat(last).double().T
+    by_hand = _block_sims(test, train, train.blocks[-2:])
     task = rd.load_task()
     relevant = torch.tensor([[a.group == b.group for b in task.train] for a in task.test])
     expected = evaluate_scores(by_hand, relevant)
     assert metrics["last-block-sim"]["acc"] == pytest.approx(expected.acc)
     assert metrics["last-block-sim"]["cover"] == pytest.approx(expected.cover)
-    # and it differs from the all-block gradsim on this run unless the rankings agree
-    all_blocks = torch.cat([test.flat(b) for b in test.blocks], 1).double() @ \
-        torch.cat([train.flat(b) for b in train.blocks], 1).double().T
+    scores, meta = read_scores(rd.scores_dir("epoch-1") / "last-block-sim.safetensors")
+    torch.testing.assert_close(scores, by_hand, rtol=1e-12, atol=0)
+    assert meta["arguments"] == {"blocks": 2}  # the --method-arg value, recorded
+    all_blocks = _block_sims(test, train, train.blocks)
     assert metrics["gradsim"]["cover"] == pytest.approx(evaluate_scores(all_blocks, relevant).cover)
+
+
+def test_method_arguments_and_source_are_part_of_the_cache_key(run, tmp_path):
+    """Same arguments and code: reused. Another argument value, or an edited plugin file:
+    recomputed (never the old scores)."""
+    plugin = tmp_path / "my_methods.py"
+    plugin.write_text(readme_method_example(), encoding="utf-8")
+    path = RunDir(run).scores_dir("epoch-1") / "last-block-sim.safetensors"
+    base = ["attribute", "--run", str(run), "--plugin", str(plugin), "--methods", "last-block-sim", "--quiet"]
+    assert main(base + ["--method-arg", "last-block-sim.blocks=1"]) == 0
+    one, meta_one = read_scores(path)
+    assert main(base + ["--method-arg", "last-block-sim.blocks=1"]) == 0
+    assert read_scores(path)[1]["key"] == meta_one["key"]  # reused
+    assert main(base) == 0  # the default is 1 too: the same resolved arguments, reused
+    assert read_scores(path)[1]["key"] == meta_one["key"]
+    assert main(base + ["--method-arg", "last-block-sim.blocks=3"]) == 0
+    assert read_scores(path)[1]["arguments"] == {"blocks": 3}
+    # edit the plugin: same arguments, new code -> new scores
+    edited = readme_method_example().replace("return out", "return 2 * out")
+    assert edited != readme_method_example()
+    plugin.write_text(edited, encoding="utf-8")
+    assert main(base + ["--method-arg", "last-block-sim.blocks=1"]) == 0
+    doubled, meta = read_scores(path)
+    assert meta["key"] != meta_one["key"]
+    torch.testing.assert_close(doubled, 2 * one, rtol=0, atol=0)
+
+
+def test_method_arg_errors_name_the_flag(run, tmp_path, capsys):
+    plugin = tmp_path / "my_methods.py"
+    plugin.write_text(readme_method_example(), encoding="utf-8")
+    base = ["attribute", "--run", str(run), "--plugin", str(plugin), "--methods", "last-block-sim,gradsim"]
+    cases = [(["--method-arg", "last-block-sim.blocks=0"], "last-block-sim: blocks must be a positive integer"),
+             (["--method-arg", "last-block-sim.block=2"], "last-block-sim has no argument 'block'"),
+             (["--method-arg", "datainf.damping=0.1"], "datainf is not among the chosen methods"),
+             (["--method-arg", "blocks=2"], "expected NAME.FIELD=VALUE"),
+             (["--damping", "0.1"], "--damping: none of the chosen methods")]
+    for extra, message in cases:
+        status = main(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and message in err and len(err.splitlines()) == 1, (extra, err)
+
+
+def test_plugin_methods_appear_in_help(tmp_path, capsys):
+    plugin = tmp_path / "my_methods.py"
+    plugin.write_text(readme_method_example(), encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        main(["attribute", "--plugin", str(plugin), "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "last-block-sim.blocks: how many of the last LoRA blocks to compare (default 1)" in out
 
 
 def test_plugin_errors_are_one_line(run, tmp_path, capsys):
@@ -83,6 +138,13 @@ def test_plugin_errors_are_one_line(run, tmp_path, capsys):
     for spec, message in ((str(bad), "bad_plugin.py:2: RuntimeError: broken plugin"),
                           (str(tmp_path / "missing.py"), "missing.py: no such file"),
                           ("no_such_module_xyz", "ModuleNotFoundError")):
-        status = main(["evaluate", "--run", str(run), "--plugin", spec])
+        status = main(["attribute", "--run", str(run), "--plugin", spec])
         err = capsys.readouterr().err.strip()
         assert status == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_evaluate_takes_no_plugin(run, capsys):
+    """evaluate reads scores files only: --plugin would have no effect, so it is refused."""
+    assert main(["evaluate", "--run", str(run), "--plugin", "x.py"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unrecognized arguments: --plugin x.py" in err and len(err.splitlines()) == 1

@@ -77,7 +77,7 @@ def _copy(run: Path, dest: Path) -> Path:
 
 def _command(run: Path) -> list[str]:
     return ["attribute", "--run", str(run), "--methods", ",".join(METHODS), "--chunk-size", str(CHUNK),
-            "--batch-size", "3"]
+            "--extract-batch-size", "3"]
 
 
 def _env() -> dict[str, str]:
@@ -111,7 +111,7 @@ def _interrupt(run: Path, sig: int) -> tuple[subprocess.Popen, list[Path], str]:
 @pytest.fixture(scope="module")
 def uninterrupted(base_run, tmp_path_factory) -> Path:
     run = _copy(base_run, tmp_path_factory.mktemp("whole") / "run")
-    attribute(run, AttributeArgs(methods=METHODS, chunk_size=CHUNK, batch_size=3))
+    attribute(run, AttributeArgs(methods=METHODS, chunk_size=CHUNK, extract_batch_size=3))
     return run
 
 
@@ -161,7 +161,7 @@ def test_sigint_stops_cleanly_and_the_rerun_reuses_chunks(base_run, uninterrupte
         return real(model, encoded, *args, **kwargs)
 
     monkeypatch.setattr(extract, "compute_features", spy)
-    attribute(run, AttributeArgs(methods=METHODS, chunk_size=CHUNK, batch_size=3))
+    attribute(run, AttributeArgs(methods=METHODS, chunk_size=CHUNK, extract_batch_size=3))
     # training examples computed again: all but the finished chunks (plus the 3 test examples)
     assert sum(seen) == N_TRAIN - CHUNK * len(finished) + 3
     monkeypatch.undo()
@@ -303,6 +303,6 @@ def test_bf16_autocast_on_cpu_stores_float32_gradients_and_fp16_needs_a_gpu(base
     rel = float((flat - flat_ref).norm() / flat_ref.norm())
     assert 0 < rel < 0.1, rel  # bfloat16 rounding (8 bits of mantissa), but the same gradients
     capsys.readouterr()
-    assert main(["attribute", "--run", str(run), "--methods", "gradsim", "--dtype", "fp16", "--quiet"]) == 2
+    assert main(["attribute", "--run", str(run), "--methods", "gradsim", "--extract-dtype", "fp16", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--dtype fp16 needs a CUDA GPU" in err
+    assert err.count("\n") == 1 and "--extract-dtype fp16 needs a CUDA GPU" in err

@@ -53,7 +53,7 @@ def test_no_native_flags_train_in_float32_with_exactly_one_warning(fake_cpu, cap
     assert hardware.resolve_autocast("bf16", "cpu") == "none"
     warnings = _warnings(capsys)
     assert len(warnings) == 1, warnings
-    assert "--autocast bf16" in warnings[0] and "avx512_bf16" in warnings[0] and "float32" in warnings[0]
+    assert "--train-dtype bf16" in warnings[0] and "avx512_bf16" in warnings[0] and "float32" in warnings[0]
 
 
 def test_requested_none_is_none_without_a_warning(fake_cpu, capsys):
@@ -153,4 +153,4 @@ def test_finetune_records_the_effective_autocast(fake_cpu, tmp_path, capsys):
         runs[autocast] = load_file(str(tmp_path / autocast / "checkpoints" / "epoch-1" / "adapter_model.safetensors"))
     assert all((runs["bf16"][k] == runs["none"][k]).all() for k in runs["none"])
     warnings = _warnings(capsys)
-    assert len(warnings) == 1 and "--autocast bf16" in warnings[0]
+    assert len(warnings) == 1 and "--train-dtype bf16" in warnings[0]

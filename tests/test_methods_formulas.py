@@ -318,7 +318,7 @@ def test_true_hessian_lissa_and_cg_equal_explicit_solve():
     json.dumps(cg.diagnostics)
 
     lissa = make_method("lissa", hessian="true", damping=lam, iterations=500).fit(train)
-    assert lissa.needs == frozenset({"grads", "hvp"})
+    assert lissa.required_features() == frozenset({"grads", "hvp"})
     top = float(torch.linalg.eigvalsh(A)[-1]) + lam
     # power iteration approaches lambda_max from below
     assert 1.05 * top * (1 - 1e-3) < lissa.diagnostics["scale"] <= 1.05 * top * (1 + 1e-12)

@@ -8,8 +8,8 @@ import torch
 
 from llm_influence.errors import UserError
 from llm_influence.features.types import Features, KFACFactors
-from llm_influence.methods import (SCORE_CONVENTION, Method, available_methods, make_method, method_parameters,
-                                   register)
+from llm_influence.methods import (SCORE_CONVENTION, Method, Scoring, available_methods, get_method_class,
+                                   implementation_digest, make_method, method_fields, method_parameters, register)
 
 F64 = torch.float64
 ALL = ["datainf", "ekfac", "exact", "exact-full", "gradsim", "gradsim-cos", "lissa", "projected", "repsim", "tracin"]
@@ -38,11 +38,11 @@ def test_every_method_is_registered_and_constructible():
         m = make_method(name)
         assert isinstance(m, Method) and m.name == name
         assert set(m.arguments()) == set(method_parameters(name))
-        assert m.needs <= {"grads", "reps", "kfac", "history", "hvp"}
-    assert make_method("repsim").needs == {"reps"}
-    assert make_method("ekfac").needs == {"grads", "kfac"}
-    assert make_method("tracin").needs == {"grads", "history"}
-    assert make_method("lissa", hessian="true").needs == {"grads", "hvp"}
+        assert m.required_features() <= {"grads", "reps", "kfac", "history", "hvp"}
+    assert make_method("repsim").required_features() == {"reps"}
+    assert make_method("ekfac").required_features() == {"grads", "kfac"}
+    assert make_method("tracin").required_features() == {"grads", "history"}
+    assert make_method("lissa", hessian="true").required_features() == {"grads", "hvp"}
     assert "higher" in SCORE_CONVENTION
 
 
@@ -126,3 +126,100 @@ def test_local_methods_give_the_same_columns_for_any_training_chunking(name):
     torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
     assert np.allclose(make_method(name).fit(train).score(test.select([2, 0])).numpy(), whole[[2, 0]].numpy(),
                        rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- the declarations
+
+def test_declared_scoring_matches_the_methods():
+    """SEPARABLE methods are exactly those whose columns survive chunking (tested above);
+    PRECONDITIONED ones score through solve() exactly as through score()."""
+    separable = {n for n in ALL if make_method(n).scoring is Scoring.SEPARABLE}
+    assert separable == {"gradsim", "gradsim-cos", "repsim", "tracin"}
+    train, test = features(9, 11), features(4, 12, prefix="t")
+    for name in sorted(set(ALL) - separable):
+        m = make_method(name)
+        assert m.scoring is Scoring.PRECONDITIONED
+        m.fit(train)
+        xs = m.solve(test)
+        via_solve = sum(x.reshape(test.n, -1) @ train.flat(b).double().T for b, x in xs.items())
+        torch.testing.assert_close(via_solve, m.score(test), rtol=1e-10, atol=1e-12)
+
+
+def test_every_argument_is_declared_with_help_and_recorded():
+    for name in ALL:
+        cls = get_method_class(name)
+        fields = method_fields(name)
+        assert all(f.metadata.get("help") for f in fields), name
+        assert make_method(name).arguments() == {f.name: f.default for f in fields}
+    m = make_method("lissa", iterations="7", scale="2.5", damping="auto")  # text from the command line
+    assert (m.args.iterations, m.args.scale, m.args.damping) == (7, 2.5, None)
+    assert m.arguments()["iterations"] == 7
+
+
+def test_registration_checks_the_declarations(monkeypatch):
+    from llm_influence.methods import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    class NoSolve(Method):
+        name = "no-solve"
+        scoring = Scoring.PRECONDITIONED
+
+        def fit(self, train):
+            return self
+
+        def score(self, test):
+            return torch.zeros(test.n, 1)
+
+    with pytest.raises(TypeError, match="does not implement solve"):
+        register(NoSolve)
+
+    class NotADataclass(NoSolve):
+        name = "bad-args"
+        scoring = Scoring.WHOLE
+        Arguments = dict
+
+    with pytest.raises(TypeError, match="Arguments must be a dataclass"):
+        register(NotADataclass)
+
+
+def test_attribute_knows_no_method_by_name():
+    """attribute.py decides chunking, features and arguments from the declarations only: no
+    registered method name appears in its code (its default method list aside)."""
+    import ast
+    from pathlib import Path
+
+    from llm_influence import attribute
+
+    tree = ast.parse(Path(attribute.__file__).read_text())
+    defaults = {id(node) for a in tree.body if isinstance(a, ast.Assign)
+                and any(getattr(t, "id", "") == "DEFAULT_METHODS" for t in a.targets) for node in ast.walk(a)}
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    names = set(ALL)
+    found = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in names
+             and id(node) not in defaults and id(node) not in docstrings]
+    assert not found, found
+
+
+def test_implementation_digest_follows_the_source(tmp_path, monkeypatch):
+    """The digest covers the method's module and the package modules it uses; two methods
+    sharing every file have one digest, and a class from another file gets its own."""
+    from llm_influence.methods import base
+
+    assert implementation_digest(get_method_class("gradsim")) == implementation_digest(get_method_class("gradsim-cos"))
+    assert implementation_digest(get_method_class("exact")) != implementation_digest(get_method_class("datainf"))
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    plugin = tmp_path / "digest_plugin.py"
+    source = ("from llm_influence.methods import Method, register\n"
+              "@register\nclass P(Method):\n    name = 'digest-plugin'\n"
+              "    def fit(self, train):\n        return self\n"
+              "    def score(self, test):\n        return 1.0\n")
+    from llm_influence.cli import load_plugin
+
+    plugin.write_text(source)
+    load_plugin(str(plugin))
+    first = implementation_digest(get_method_class("digest-plugin"))
+    plugin.write_text(source.replace("return 1.0", "return 2.0"))
+    assert implementation_digest(get_method_class("digest-plugin")) != first

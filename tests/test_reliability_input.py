@@ -342,7 +342,8 @@ def test_bad_names_and_arguments(tmp_path, ok_files, capsys):
          "backdoor-1, backdoor-3, backdoor-5, mixed-l, emotion, grammars-rule, or jsonl:PATH"),
         (["finetune", "--task", "jsonl:", "--profile", "smoke", "--out", str(tmp_path / "r")],
          "task 'jsonl:': give a path, as jsonl:TRAIN.jsonl[,TEST.jsonl] or jsonl:DIR"),
-        (ft[:4] + ["nope"] + ft[5:], "unknown profile 'nope'; available: smoke, cpu, paper"),
+        (ft[:4] + ["nope"] + ft[5:], "finetune: argument --profile: invalid choice: 'nope' (choose from 'smoke', "
+         "'cpu', 'paper')"),
         (ft + ["--lora-targets", "nope_proj"], "--lora-targets: module 'nope_proj' is not a linear layer of this "
          "model; choose from down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
         (ft + ["--lora-layers", "0,7"], "--lora-layers 0,7: layer 7 does not exist (the model has 2 decoder layers, "

@@ -43,7 +43,7 @@ def _command(task: str, out: Path, quiet: bool = True) -> list[str]:
     # 12 examples / batch 4 = 3 steps per epoch, 18 steps in all. Without --quiet the
     # status lines ("resuming after epoch N") are printed.
     return [sys.executable, "-m", "llm_influence.cli", "finetune", "--task", task, "--profile", "smoke",
-            "--out", str(out), "--epochs", str(EPOCHS), "--batch-size", "4", "--no-early-stopping"] + (
+            "--out", str(out), "--epochs", str(EPOCHS), "--train-batch-size", "4", "--no-early-stopping"] + (
         ["--quiet"] if quiet else [])
 
 

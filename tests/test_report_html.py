@@ -283,7 +283,7 @@ def test_figures_are_embedded_as_data_uris(page):
 
 def test_cli_report_writes_the_page_and_prints_its_path(output, tmp_path, capsys):
     target = tmp_path / "r.html"
-    assert main(["report", "--out", str(output), "--top-k", "2", "--html", str(target), "--quiet"]) == 0
+    assert main(["report", "--from", str(output), "--top-k", "2", "--html", str(target), "--quiet"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert str(target) in line and line.startswith("report: ")
     payload = extract_payload(target.read_text())
@@ -291,7 +291,7 @@ def test_cli_report_writes_the_page_and_prints_its_path(output, tmp_path, capsys
     # explicit --runs, one of them; the page goes to DIR/report.html
     dest = tmp_path / "dest"
     dest.mkdir()
-    assert main(["report", "--out", str(dest), "--runs", str(output / "runs" / "toy-a"), "--quiet"]) == 0
+    assert main(["report", "--from", str(dest), "--runs", str(output / "runs" / "toy-a"), "--quiet"]) == 0
     assert [t["name"] for t in extract_payload((dest / "report.html").read_text())["tasks"]] == ["toy-a"]
     assert not list(dest.glob(".*tmp"))
 
@@ -299,22 +299,22 @@ def test_cli_report_writes_the_page_and_prints_its_path(output, tmp_path, capsys
 def test_cli_report_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["report", "--out", str(empty), "--quiet"]) == 2
+    assert main(["report", "--from", str(empty), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no run directories" in err and len(err.strip().splitlines()) == 1
     assert not (empty / "report.html").exists()
-    assert main(["report", "--out", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert main(["report", "--from", str(tmp_path / "nope"), "--quiet"]) == 2
     assert "no such directory" in capsys.readouterr().err
     run = tmp_path / "out" / "runs" / "t"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"task": {"name": "t"}}))
     write_examples(run / "data" / "train.jsonl", TRAIN)
     write_examples(run / "data" / "test.jsonl", TEST)
-    assert main(["report", "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert main(["report", "--from", str(tmp_path / "out"), "--quiet"]) == 2
     assert "no scores files" in capsys.readouterr().err
-    assert main(["report", "--out", str(tmp_path / "out"), "--runs", str(empty), "--quiet"]) == 2
+    assert main(["report", "--from", str(tmp_path / "out"), "--runs", str(empty), "--quiet"]) == 2
     assert "not a run directory" in capsys.readouterr().err
-    assert main(["report", "--out", str(tmp_path / "out"), "--top-k", "0", "--quiet"]) == 2
+    assert main(["report", "--from", str(tmp_path / "out"), "--top-k", "0", "--quiet"]) == 2
 
 
 def test_stale_and_corrupt_scores_are_skipped_and_named(tmp_path):
@@ -340,7 +340,7 @@ def test_a_run_without_scorable_test_examples_is_skipped_not_a_traceback(tmp_pat
     write_examples(run / "data" / "test.jsonl", lonely)
     _write_scores(run / "scores" / "epoch-1" / "hand.safetensors", HAND[:1],
                   {"method": "hand", "train_ids": [e.id for e in TRAIN], "test_ids": ["q-0"]})
-    assert main(["report", "--out", str(out)]) == 0
+    assert main(["report", "--from", str(out)]) == 0
     assert "no test example can be scored" in capsys.readouterr().err
     payload = extract_payload((out / "report.html").read_text())
     assert [t["name"] for t in payload["tasks"]] == ["ok"]

@@ -10,12 +10,23 @@ whose inputs (adapter, examples, feature and method arguments) are unchanged is 
 chunks (``chunk_size`` consecutive examples) and the columns are concatenated, so the
 memory-mapped training gradients are never materialised for scoring:
 
-* ``gradsim``, ``gradsim-cos``, ``repsim``, ``tracin`` need no global fit: each chunk is
-  fitted and scored on its own (the columns are those of the whole set);
-* methods with a ``solve`` (``datainf``, ``lissa``, ``exact``, ``exact-full``, ``ekfac``,
-  ``projected``) fit on the whole training set and precondition the test gradients once,
-  ``x_t = (H + lambda I)^{-1} v_t``; then ``score[:, chunk] = sum_l x_l g_l[chunk]^T``;
-* any other method is fitted and scored whole (rank 0).
+how is the method's own declaration (:class:`~llm_influence.methods.Scoring`); this module
+knows no method by name:
+
+* ``SEPARABLE`` methods (gradsim, gradsim-cos, repsim, tracin) need no global fit: each
+  chunk is fitted and scored on its own (the columns are those of the whole set);
+* ``PRECONDITIONED`` methods (datainf, lissa, exact, exact-full, ekfac, projected) fit on the
+  whole training set and precondition the test gradients once,
+  ``x_t = (H + lambda I)^{-1} v_t`` (``solve``); then ``score[:, chunk] = sum_l x_l g_l[chunk]^T``;
+* ``WHOLE`` methods are fitted and scored whole (rank 0).
+
+**Method arguments** come from each method's ``Arguments`` declaration:
+``AttributeArgs.method_args = {method: {field: value}}`` (the command line's
+``--method-arg NAME.FIELD=VALUE`` and the shared ``--damping`` / ``--damping-ratio``); the
+resolved values are recorded in the scores metadata. The scores cache key holds the
+resolved arguments and the digest of the method's source files
+(:func:`~llm_influence.methods.implementation_digest`), so changed code never reuses old
+scores.
 
 Peak memory of scoring: the solutions ``x`` (``n_test x D`` float64), the scores
 (``n_test x n_train`` float64), one training chunk in float64, plus what the method's fit
@@ -51,23 +62,23 @@ from .features.extract import DEFAULT_CHUNK_SIZE, DTYPES, check_compute_dtype, e
 from .features.projection import PROJECTION_KINDS, ProjectionSpec
 from .features.types import Features
 from .io_utils import atomic_path
-from .methods import SCORE_CONVENTION, get_method_class, make_method, method_parameters
+from .methods import SCORE_CONVENTION, Method, Scoring, get_method_class, implementation_digest, make_method
 from .progress import log
 from .rundir import RunDir
 
 DEFAULT_METHODS = ("datainf", "lissa", "gradsim", "repsim", "exact")
 #: 2: scores stored as float64 (format 1 stored float32, which created ties); old files still read
 SCORES_FORMAT = 2
-#: methods whose columns do not depend on the other training examples (scored chunk by chunk)
-COLUMN_SEPARABLE = frozenset({"gradsim", "gradsim-cos", "repsim", "tracin"})
 
 
 @dataclass
 class AttributeArgs:
-    """Arguments of the attribute stage. ``damping=None`` uses the paper's rule: per block,
-    ``damping_ratio`` x the mean squared training-gradient entry.
+    """Arguments of the attribute stage.
 
-    ``dtype``: ``float32``/``float64`` (model and features), or ``bf16``/``fp16`` (autocast
+    ``method_args``: ``{method: {argument: value}}`` for the chosen methods (each method's
+    ``Arguments`` declare the names, defaults and checks; unset arguments keep their
+    defaults, e.g. the paper's damping rule ``damping_ratio`` 0.1). ``extract_batch_size``:
+    examples per forward/backward pass of feature extraction. ``dtype``: ``float32``/``float64`` (model and features), or ``bf16``/``fp16`` (autocast
     forward/backward, float32 features; fp16 needs a GPU). ``chunk_size``: examples per
     feature chunk (resumable extraction, chunked scoring, the unit of work of a rank).
     ``project_dim``: total dimension of a seeded random projection of the gradients
@@ -75,13 +86,9 @@ class AttributeArgs:
     gradients."""
 
     methods: tuple[str, ...] = DEFAULT_METHODS
+    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     checkpoint: str = "last"
-    damping: Optional[float] = None
-    damping_ratio: float = 0.1
-    lissa_iters: int = 10
-    lissa_scale: Any = "auto"
-    hessian: str = "gauss-newton"
-    batch_size: int = 8
+    extract_batch_size: int = 8
     dtype: str = "float32"
     rep_layer: int = -1
     rep_pooling: str = "last-prompt"
@@ -110,19 +117,22 @@ class MethodResult:
     reused: bool = False
 
 
-def method_kwargs(name: str, args: AttributeArgs) -> dict[str, Any]:
-    """The keyword arguments of method ``name`` that the stage's flags set."""
-    offered = {"damping": args.damping, "damping_ratio": args.damping_ratio, "iterations": args.lissa_iters,
-               "scale": args.lissa_scale, "hessian": args.hessian}
-    accepted = set(method_parameters(name))
-    return {k: v for k, v in offered.items() if k in accepted}
-
-
-def _needs(names: list[str], args: AttributeArgs) -> set[str]:
-    needs: set[str] = set()
+def build_methods(names: list[str], args: AttributeArgs) -> dict[str, Method]:
+    """``{name: Method}`` of the chosen methods with their ``method_args`` (unknown method
+    names, arguments for a method that is not chosen, and invalid values are UserErrors)."""
     for name in names:
-        method = make_method(name, **method_kwargs(name, args))
-        needs |= set(method.needs)
+        get_method_class(name)
+    stray = sorted(set(args.method_args) - set(names))
+    if stray:
+        raise UserError(f"method arguments for {', '.join(stray)}, which is not among the chosen methods "
+                        f"({', '.join(names)})")
+    return {name: make_method(name, **dict(args.method_args.get(name, {}))) for name in names}
+
+
+def _needs(methods: list[Method]) -> set[str]:
+    needs: set[str] = set()
+    for method in methods:
+        needs |= set(method.required_features())
     return needs
 
 
@@ -137,19 +147,24 @@ def _lr_per_epoch(run: RunDir) -> dict[int, float]:
     return {e: sum(v) / len(v) for e, v in sums.items()}
 
 
-def _scores_key(run: RunDir, checkpoint: str, name: str, kwargs: dict, args: AttributeArgs,
+def _scores_key(run: RunDir, checkpoint: str, method: Method, args: AttributeArgs,
                 examples: dict[str, str]) -> str:
-    """Hash of everything a scores file depends on; ``examples`` holds the train/test digests."""
+    """Hash of everything a scores file depends on: the method's resolved arguments and
+    source digest, the adapter, the examples (``examples``: train/test digests), the
+    feature settings and, for methods that use the training history, every earlier
+    checkpoint's adapter."""
+    name = method.name
     features: dict[str, Any] = {"dtype": args.dtype, "rep_layer": args.rep_layer, "rep_pooling": args.rep_pooling}
     projection = args.projection()
     if projection is not None:  # absent otherwise, so earlier scores files stay valid
         features["projection"] = projection.to_dict()
     parts = {
-        "format": SCORES_FORMAT, "method": name, "kwargs": kwargs,
+        "format": SCORES_FORMAT, "method": name, "arguments": method.arguments(),
+        "implementation": implementation_digest(type(method)),
         "adapter": feature_store.adapter_digest(run.checkpoints_root / checkpoint), **examples,
         "features": features,
     }
-    if name == "tracin":
+    if "history" in method.required_features():
         parts["history"] = [feature_store.adapter_digest(run.checkpoint(e)) for e in run.epochs() if e > 0
                             and e <= int(checkpoint.split("-")[1])]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -186,24 +201,23 @@ def _reusable(path: Path, key: str) -> Optional[dict[str, Any]]:
     return meta if meta.get("key") == key else None
 
 
-def _check_args(names: list[str], args: AttributeArgs) -> None:
-    for name in names:
-        get_method_class(name)
+def _check_args(methods: list[Method], args: AttributeArgs) -> None:
     if args.dtype not in DTYPES:
-        raise UserError(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise UserError(f"--extract-dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
     if isinstance(args.chunk_size, bool) or not isinstance(args.chunk_size, int) or args.chunk_size < 1:
         raise UserError(f"--chunk-size must be a positive integer, got {args.chunk_size!r}")
     if args.project_kind not in PROJECTION_KINDS:
         raise UserError(f"--project-kind must be one of {', '.join(PROJECTION_KINDS)}, got {args.project_kind!r}")
     projection = args.projection()
     if projection is not None:
-        needs = _needs(names, args)
-        if "kfac" in needs:
-            raise UserError("--project-dim: ekfac needs the full gradients' Kronecker structure; "
-                            "drop ekfac or --project-dim")
-        if "hvp" in needs:
-            raise UserError("--project-dim: --hessian true needs Hessian-vector products in the full "
-                            "parameter space; use --hessian gauss-newton or drop --project-dim")
+        for method in methods:
+            needs = method.required_features()
+            if "kfac" in needs:
+                raise UserError(f"--project-dim: {method.name} needs the full gradients' Kronecker structure "
+                                "(kfac); drop it or --project-dim")
+            if "hvp" in needs:
+                raise UserError(f"--project-dim: {method.name} with these arguments needs Hessian-vector "
+                                "products in the full parameter space (hvp); drop --project-dim")
 
 
 def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
@@ -213,7 +227,10 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
     docstring); each returns the same results, and rank 0 writes the files."""
     run = RunDir(run_path)
     names = list(dict.fromkeys(args.methods))
-    _check_args(names, args)
+    if not names:
+        raise UserError("no methods chosen")
+    chosen = build_methods(names, args)
+    _check_args(list(chosen.values()), args)
     world = distributed.current()
     if world.active:
         log(f"attribute: {world.size} processes ({world.backend}); chunks of {args.chunk_size} examples")
@@ -232,26 +249,25 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
         out_dir = run.scores_dir(checkpoint)
         candidates = []
         for name in names:
-            kwargs = method_kwargs(name, args)
-            key = _scores_key(run, checkpoint, name, kwargs, args, digests)
+            key = _scores_key(run, checkpoint, chosen[name], args, digests)
             path = out_dir / f"{name}.safetensors"
-            candidates.append((name, kwargs, key, path, None if args.force else _reusable(path, key)))
+            candidates.append((name, key, path, None if args.force else _reusable(path, key)))
         # rank 0 decides what is reused, so every rank runs the same methods
         reuse = distributed.broadcast_flags([meta is not None for *_, meta in candidates], world)
-        todo: list[tuple[str, dict, str, Path]] = []
-        for (name, kwargs, key, path, meta), reused in zip(candidates, reuse):
+        todo: list[tuple[str, str, Path]] = []
+        for (name, key, path, meta), reused in zip(candidates, reuse):
             if reused:
                 meta = meta if meta is not None else _reusable(path, key)
                 results.append(MethodResult(name, checkpoint, path, tuple(meta["shape"]), float(meta["seconds"]),
                                             meta.get("diagnostics", {}), reused=True))
             else:
-                todo.append((name, kwargs, key, path))
+                todo.append((name, key, path))
         if not todo:
             continue
-        needs = _needs([t[0] for t in todo], args)
+        needs = _needs([chosen[t[0]] for t in todo])
         feature_needs = needs & {"grads", "reps", "kfac"}
         t0 = time.time()
-        common = dict(batch_size=args.batch_size, dtype=dtype, rep_layer=args.rep_layer,
+        common = dict(batch_size=args.extract_batch_size, dtype=dtype, rep_layer=args.rep_layer,
                       rep_pooling=args.rep_pooling, force=args.force, chunk_size=args.chunk_size,
                       projection=projection, trust_remote_code=args.trust_remote_code)
         train = extract_features(run, checkpoint, "train", need=feature_needs | ({"hvp"} & needs), **common)
@@ -259,8 +275,8 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
         feature_seconds = time.time() - t0
         if "history" in needs:
             _attach_history(run, checkpoint, train, test, args, dtype)
-        for name, kwargs, key, path in todo:
-            method = make_method(name, **kwargs)
+        for name, key, path in todo:
+            method = make_method(name, **dict(args.method_args.get(name, {})))  # a fresh instance per checkpoint
             log(f"{name} ({checkpoint}): fitting on {train.n} training examples, scoring {test.n} test examples")
             t1 = time.time()
             scores = score_matrix(method, train, test, chunk_size=args.chunk_size, world=world)
@@ -291,10 +307,10 @@ def score_matrix(method, train: Features, test: Features, *, chunk_size: int = D
     ranges = distributed.chunk_ranges(train.n, chunk_size)
     owned = [ranges[i] for i in distributed.mine(len(ranges), world)]
     out = torch.zeros(test.n, train.n, dtype=torch.float64)
-    if method.name in COLUMN_SEPARABLE:
+    if method.scoring is Scoring.SEPARABLE:
         for a, b in owned:
             out[:, a:b] = method.fit(train.select(list(range(a, b)))).score(test).cpu()
-    elif callable(getattr(method, "solve", None)):
+    elif method.scoring is Scoring.PRECONDITIONED:
         method.fit(train)
         xs = method.solve(test)  # {block: [n_test, rows, cols]} float64, every test row
         for a, b in owned:
@@ -323,7 +339,7 @@ def _attach_history(run: RunDir, checkpoint: str, train: Features, test: Feature
         if name == checkpoint:
             tr, te = Features(ids=train.ids, grads=train.grads), Features(ids=test.ids, grads=test.grads)
         else:
-            common = dict(need={"grads"}, batch_size=args.batch_size, dtype=dtype, chunk_size=args.chunk_size,
+            common = dict(need={"grads"}, batch_size=args.extract_batch_size, dtype=dtype, chunk_size=args.chunk_size,
                           projection=args.projection(), trust_remote_code=args.trust_remote_code)
             tr = extract_features(run, name, "train", **common)
             te = extract_features(run, name, "test", **common)

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .attribute import AttributeArgs, attribute, read_scores
+from .attribute import AttributeArgs, attribute, build_methods, read_scores
 from .config import TrainArgs
 from .data.example import Example
 from .data.jsonl import iter_json_objects, read_examples, string_field, unique_id
@@ -47,7 +47,6 @@ from .errors import UserError
 from .evaluation.metrics import rank_training, tie_ranks
 from .features import store as feature_store
 from .io_utils import atomic_path, publish_dir
-from .methods import get_method_class
 from .models.lora import LoraSpec
 from .progress import log
 from .rundir import RunDir, write_examples
@@ -85,14 +84,12 @@ class ExplainArgs:
     train: Path
     adapter: Optional[Path] = None
     methods: tuple[str, ...] = DEFAULT_EXPLAIN_METHODS
-    top: int = 10
+    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    top_k: int = 10
     max_length: int = 256
     loss_on: str = "response"
     max_new_tokens: int = 128
-    batch_size: int = 8
-    damping: Optional[float] = None
-    damping_ratio: float = 0.1
-    lissa_iters: int = 10
+    extract_batch_size: int = 8
     lora: LoraSpec = field(default_factory=LoraSpec)
     seed: int = 0
     cache_dir: Optional[Path] = None
@@ -161,12 +158,11 @@ def args_from_run(run_path: str | Path, checkpoint: str = "last", **overrides: A
 def _validate(args: ExplainArgs, queries: Sequence[Query]) -> None:
     if not args.methods:
         raise UserError("--methods: give at least one method")
-    for name in args.methods:
-        get_method_class(name)
-    if "tracin" in args.methods:
-        raise UserError("--methods tracin: needs the fine-tuning history; use `attribute` on the run instead")
-    if args.top < 1:
-        raise UserError(f"--top must be at least 1, got {args.top}")
+    for name, method in build_methods(list(args.methods), AttributeArgs(method_args=args.method_args)).items():
+        if "history" in method.required_features():
+            raise UserError(f"--methods {name}: needs the fine-tuning history; use `attribute` on the run instead")
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     if args.max_length < 8:
         raise UserError(f"--max-length must be at least 8, got {args.max_length}")
     if args.loss_on not in ("response", "all"):
@@ -252,7 +248,7 @@ def _generate_missing(run: RunDir, queries: list[Query], args: ExplainArgs) -> t
     log(f"generating {len(missing)} response(s) greedily (max {args.max_new_tokens} new tokens)")
     model, formatter, _ = load_finetuned(run, CHECKPOINT, trust_remote_code=args.trust_remote_code)
     texts = iter(generate(model, formatter, [q.prompt for q in missing], max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size))
+                          batch_size=args.extract_batch_size))
     out, generated = [], []
     for q in queries:
         if q.response is None:
@@ -281,9 +277,8 @@ def explain(queries: Sequence[Query], args: ExplainArgs) -> ExplainResult:
                 for i, q in enumerate(queries)]
         write_examples(run.path / "data" / "test.jsonl", test)
         features_before = _train_feature_files(run)
-        attribute(run.path, AttributeArgs(methods=tuple(args.methods), checkpoint=CHECKPOINT,
-                                          damping=args.damping, damping_ratio=args.damping_ratio,
-                                          lissa_iters=args.lissa_iters, batch_size=args.batch_size,
+        attribute(run.path, AttributeArgs(methods=tuple(args.methods), method_args=args.method_args,
+                                          checkpoint=CHECKPOINT, extract_batch_size=args.extract_batch_size,
                                           trust_remote_code=args.trust_remote_code))
         reused = bool(features_before) and features_before == _train_feature_files(run)
         tops: list[dict[str, list[Influencer]]] = [{} for _ in queries]
@@ -291,7 +286,7 @@ def explain(queries: Sequence[Query], args: ExplainArgs) -> ExplainResult:
             scores, meta = read_scores(run.scores_dir(CHECKPOINT) / f"{method}.safetensors")
             if meta.get("train_ids") != [ex.id for ex in train] or len(meta.get("test_ids", [])) != len(queries):
                 raise RuntimeError(f"{method}: scores do not match the query run's examples")
-            for i, rows in enumerate(top_influencers(scores, train, args.top)):
+            for i, rows in enumerate(top_influencers(scores, train, args.top_k)):
                 tops[i][method] = rows
     explanations = [Explanation(q, g, t) for q, g, t in zip(queries, generated, tops)]
     return ExplainResult(explanations, folder, time.time() - t0, reused)

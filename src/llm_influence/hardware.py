@@ -137,12 +137,12 @@ def resolve_autocast(requested: str, device: Union[str, torch.device, None] = No
         why += " (emulated bfloat16 is many times slower than float32)"
     else:
         why = f"bfloat16 autocast is only used on CUDA GPUs and CPUs, not on {dev.type!r}"
-    warn_once("autocast", f"--autocast bf16: {why}; training in float32 instead")
+    warn_once("autocast", f"--train-dtype bf16: {why}; training in float32 instead")
     return "none"
 
 
 def warn_if_emulated_bf16(device: Union[str, torch.device, None], what: str) -> None:
-    """Warn once per process that ``what`` (e.g. ``"--dtype bf16"``) runs bfloat16 emulated,
+    """Warn once per process that ``what`` (e.g. ``"--extract-dtype bf16"``) runs bfloat16 emulated,
     and so slowly, when ``device`` is the CPU without :func:`cpu_has_native_bf16`. It still
     runs in bfloat16: the user asked for it."""
     dev = torch.device(device) if device is not None else torch.device("cpu")

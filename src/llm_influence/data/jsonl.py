@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import UserError, input_error
 from .example import Example
@@ -96,25 +96,14 @@ def unique_id(path: Path, number: int, obj: dict, id_field: str | None, default:
     return ex_id
 
 
-def read_examples(
-    path: str | Path,
-    *,
-    prompt_field: str = "prompt",
-    response_field: str = "response",
-    group_field: str = "group",
-    id_field: str | None = "id",
-    id_prefix: str = "",
-    required_groups: bool = True,
-) -> list[Example]:
-    """Read a JSONL file of examples.
+def read_examples(path: str | Path, **options: Any) -> list[Example]:
+    """Read a JSONL file of examples (``options``: those of :func:`read_examples_with_lines`).
 
     Each line is an object with string fields ``prompt_field``, ``response_field`` and
     ``group_field`` (non-empty), and optionally ``id_field`` (string or integer, unique).
     Without an id, the example's id is ``{id_prefix}{row}`` with the 0-based row index.
     """
-    return read_examples_with_lines(path, prompt_field=prompt_field, response_field=response_field,
-                                    group_field=group_field, id_field=id_field, id_prefix=id_prefix,
-                                    required_groups=required_groups)[0]
+    return read_examples_with_lines(path, **options)[0]
 
 
 def read_examples_with_lines(

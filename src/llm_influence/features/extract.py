@@ -24,7 +24,7 @@ a training set larger than RAM costs no RAM until it is read. Extraction holds o
 ``chunk_size x (sum of block sizes)`` numbers, or ``chunk_size x D`` with a projection.
 
 **Compute dtypes.** ``dtype`` float32 / float64: the model runs in that dtype and the
-features are stored in it. bfloat16 / float16 (``--dtype bf16`` / ``fp16``): the model is
+features are stored in it. bfloat16 / float16 (``--extract-dtype bf16`` / ``fp16``): the model is
 kept in float32 and its forward runs under ``torch.autocast`` in the half dtype; per-example
 gradients are accumulated and stored in float32 (float16 with a static loss scale of
 :data:`FP16_LOSS_SCALE`). float16 needs a CUDA GPU; bfloat16 also runs on the CPU
@@ -91,10 +91,10 @@ def check_compute_dtype(dtype: torch.dtype, device: torch.device) -> None:
     """A :class:`UserError` for a half dtype the device cannot run."""
     name = _dtype_name(dtype)
     if dtype == torch.float16 and device.type != "cuda":
-        raise UserError(f"--dtype {name} needs a CUDA GPU (float16 autocast is not supported on the {device.type}); "
-                        "use --dtype bf16 or float32")
+        raise UserError(f"--extract-dtype {name} needs a CUDA GPU (float16 autocast is not supported on the {device.type}); "
+                        "use --extract-dtype bf16 or float32")
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--dtype {name}: this GPU has no bfloat16 support; use --dtype fp16 or float32")
+        raise UserError(f"--extract-dtype {name}: this GPU has no bfloat16 support; use --extract-dtype fp16 or float32")
 
 
 def resolve_checkpoint(run: RunDir, checkpoint: str) -> str:
@@ -289,7 +289,7 @@ def _compute_chunks(run: RunDir, name: str, split: str, examples, ids: list[str]
         projector = GradientProjector(projection, shapes)
     autocast = dtype if dtype in HALF_DTYPES else None
     if dtype == torch.bfloat16:
-        warn_if_emulated_bf16(device, "--dtype bf16")  # kept (asked for), but said to be slow
+        warn_if_emulated_bf16(device, "--extract-dtype bf16")  # kept (asked for), but said to be slow
     loss_scale = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
     for i, need in todo:
         a, b = ranges[i]
@@ -303,7 +303,7 @@ def _compute_chunks(run: RunDir, name: str, split: str, examples, ids: list[str]
                                    transform=projector, autocast_dtype=autocast, loss_scale=loss_scale)
         except NonFiniteError as exc:
             bad = ", ".join(ids[a + j] for j in exc.indices)
-            hint = " (float16 overflow? use --dtype bf16)" if dtype == torch.float16 else ""
+            hint = " (float16 overflow? use --extract-dtype bf16)" if dtype == torch.float16 else ""
             raise UserError(f"{run.checkpoints_root / name}: non-finite loss or gradient for {split} "
                             f"example(s) {bad}{hint}; the adapter may have diverged (lower --lr)") from None
         payloads = {"grads": res.grads, "reps": res.reps, "kfac": (res.kfac_sums, res.kfac_tokens)}

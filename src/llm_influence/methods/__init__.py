@@ -16,15 +16,19 @@ returning ``[n_test, n_train]`` float64 scores on the device of the training gra
 | ``tracin`` | :mod:`.tracin` | learning-rate-weighted gradient dots over checkpoints |
 | ``projected`` | :mod:`.projected` | joint ``(P G P^T + lambda I)^{-1}`` in a random-projection space |
 
-Damping for the inverse-Hessian methods is shared (:mod:`.damping`).
+Each method declares its typed ``Arguments`` (:mod:`.arguments`), the features it needs and
+its :class:`Scoring` (see :class:`Method`). Damping (:mod:`.damping`), the exact solves
+(:mod:`.linalg`) and the residuals (:mod:`._common`) are shared by every method.
 """
 
 from . import datainf, ekfac, exact, exact_full, gradsim, lissa, projected, repsim, tracin  # noqa: F401  (registration)
-from .base import (SCORE_CONVENTION, Method, available_methods, get_method_class, make_method,
-                   method_parameters, register)
-from .damping import DEFAULT_DAMPING_RATIO, block_damping, global_damping
+from .arguments import MethodArguments, NoArguments, argument, positive_float, positive_int
+from .base import (SCORE_CONVENTION, Method, Scoring, available_methods, get_method_class, implementation_digest,
+                   make_method, method_fields, method_parameters, register)
+from .damping import DEFAULT_DAMPING_RATIO, DampingArguments, block_damping, global_damping
 
 __all__ = [
-    "DEFAULT_DAMPING_RATIO", "Method", "SCORE_CONVENTION", "available_methods", "block_damping",
-    "get_method_class", "global_damping", "make_method", "method_parameters", "register",
+    "DEFAULT_DAMPING_RATIO", "DampingArguments", "Method", "MethodArguments", "NoArguments", "SCORE_CONVENTION",
+    "Scoring", "argument", "available_methods", "block_damping", "get_method_class", "global_damping",
+    "implementation_digest", "make_method", "method_fields", "method_parameters", "positive_float", "positive_int", "register",
 ]

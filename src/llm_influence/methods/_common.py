@@ -1,4 +1,6 @@
-"""Internals shared by the methods: argument checks, float64 block access, residuals.
+"""Internals shared by the methods: feature checks, float64 block access, residuals, the
+block-wise inverse-Hessian template and the true-Hessian operator (argument checks live in
+:mod:`.arguments`, damping in :mod:`.damping`, factorisations in :mod:`.linalg`).
 
 Numerics: every method computes in float64 on the device of the training gradients and
 returns float64 scores there. Blocks are converted one at a time, so the float64 copy of
@@ -9,14 +11,14 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import UserError
 from ..features.types import Features
-from .base import Method
-from .damping import block_damping, check_damping_arguments
+from .base import Method, Scoring
+from .damping import DampingArguments, block_damping, damping_source
 
 DTYPE = torch.float64
 
@@ -24,39 +26,6 @@ GN_BLOCK_REFERENCE = (
     "block-diagonal damped Gauss-Newton: per block l, G_l + lambda_l I with "
     "G_l = (1/n) sum_j g_jl g_jl^T over the training gradients"
 )
-
-
-# ---------------------------------------------------------------------------------------
-# argument checks (a bad argument is the user's error: UserError, exit status 2)
-
-def positive_int(method: str, name: str, value: Any) -> int:
-    out = value
-    if isinstance(value, str):
-        try:
-            out = int(value)
-        except ValueError:
-            out = None
-    elif isinstance(value, float) and value.is_integer():
-        out = int(value)
-    if isinstance(out, bool) or not isinstance(out, int) or out < 1:
-        raise UserError(f"{method}: {name} must be a positive integer, got {value!r}")
-    return out
-
-
-def positive_float(method: str, name: str, value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        out = float("nan")
-    if isinstance(value, bool) or not (out > 0 and math.isfinite(out)):
-        raise UserError(f"{method}: {name} must be a positive finite number, got {value!r}")
-    return out
-
-
-def choice(method: str, name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise UserError(f"{method}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,11 +78,15 @@ def gn_apply(X: torch.Tensor, lam: float, x: torch.Tensor) -> torch.Tensor:
 def relative_residual(Hx: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Row-wise ``||Hx - v|| / ||v||`` ``[m]``; NaN where ``||v|| = 0`` (undefined, skipped),
     inf where the solution itself is not finite (a diverged solver must show)."""
-    num = torch.linalg.vector_norm(Hx - v, dim=-1)
-    den = torch.linalg.vector_norm(v, dim=-1)
-    out = num / den
+    return relative_residual_from_squares((Hx - v).square().sum(dim=-1), v.square().sum(dim=-1))
+
+
+def relative_residual_from_squares(residual_sq: torch.Tensor, v_sq: torch.Tensor) -> torch.Tensor:
+    """:func:`relative_residual` from accumulated ``||Hx - v||^2`` and ``||v||^2`` ``[m]``
+    (for solutions assembled block by block)."""
+    out = residual_sq.sqrt() / v_sq.sqrt()
     out[torch.isnan(out)] = float("inf")
-    out[den == 0] = float("nan")
+    out[v_sq == 0] = float("nan")
     return out
 
 
@@ -161,22 +134,20 @@ class BlockwiseInverseMethod(Method):
     """
 
     residual_reference = GN_BLOCK_REFERENCE
+    Arguments: ClassVar[type] = DampingArguments
+    scoring: ClassVar[Scoring] = Scoring.PRECONDITIONED
 
-    def __init__(self, damping: float | None = None, damping_ratio: float = 0.1) -> None:
-        super().__init__()
-        self.damping, self.damping_ratio = check_damping_arguments(self.name, damping, damping_ratio)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.damping_: dict[str, float] = {}
         self._state: dict[str, Any] = {}
         self._stats = ResidualStats()
-
-    def arguments(self) -> dict[str, Any]:
-        return {"damping": self.damping, "damping_ratio": self.damping_ratio}
 
     def fit(self, train: Features) -> "BlockwiseInverseMethod":
         require_grads(self.name, train, "training")
         self._check_fit(train)
         self._train = train
-        self.damping_ = block_damping(train, self.damping, self.damping_ratio)
+        self.damping_ = block_damping(train, self.args.damping, self.args.damping_ratio)
         self._device = device_of(train)
         self._state = {}
         for b in train.blocks:
@@ -206,7 +177,7 @@ class BlockwiseInverseMethod(Method):
             **self._stats.summary(),
             "residual_reference": self.residual_reference,
             "damping": dict(self.damping_),
-            "damping_source": "explicit" if self.damping is not None else f"ratio {self.damping_ratio}",
+            "damping_source": damping_source(self.args.damping, self.args.damping_ratio),
             "skipped_blocks_zero_gradients": skipped,
             **self._extra_diagnostics(),
         }

@@ -17,32 +17,34 @@ An explicit ``damping`` float overrides the ratio and is used for every block.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ..errors import UserError
 from ..features.types import Features
+from .arguments import MethodArguments, argument, optional_positive_float, positive_float
 
 DEFAULT_DAMPING_RATIO = 0.1
 
 
-def check_damping_arguments(method: str, damping: float | None, damping_ratio: float) -> tuple[float | None, float]:
-    """Validate ``damping`` (None or a positive float) and ``damping_ratio`` (positive float)."""
-    if damping is not None:
-        try:
-            damping = float(damping)
-        except (TypeError, ValueError):
-            raise UserError(f"{method}: damping must be a positive number or None, got {damping!r}") from None
-        if not (damping > 0 and math.isfinite(damping)):
-            raise UserError(f"{method}: damping must be a positive finite number, got {damping!r}")
-    try:
-        damping_ratio = float(damping_ratio)
-    except (TypeError, ValueError):
-        raise UserError(f"{method}: damping_ratio must be a positive number, got {damping_ratio!r}") from None
-    if not (damping_ratio > 0 and math.isfinite(damping_ratio)):
-        raise UserError(f"{method}: damping_ratio must be a positive finite number, got {damping_ratio!r}")
-    return damping, damping_ratio
+@dataclass(frozen=True)
+class DampingArguments(MethodArguments):
+    """The damping arguments every inverse-Hessian method declares (shared on the command
+    line as ``--damping`` / ``--damping-ratio``)."""
+
+    damping: Optional[float] = argument(
+        None, "explicit damping lambda for every block/parameter; None or 'auto': damping_ratio x the mean "
+              "squared training-gradient entry", check=optional_positive_float, shared=True)
+    damping_ratio: float = argument(
+        DEFAULT_DAMPING_RATIO, "the paper's 1/lambda_c: damping = ratio x mean squared training-gradient entry",
+        check=positive_float, shared=True)
+
+
+def damping_source(damping: float | None, damping_ratio: float) -> str:
+    """``"explicit"`` or ``"ratio R"`` (recorded in the diagnostics)."""
+    return "explicit" if damping is not None else f"ratio {damping_ratio}"
 
 
 def mean_squared_entry(g: torch.Tensor) -> float:
@@ -78,6 +80,14 @@ def global_damping(train: Features, damping: float | None = None,
         g = train.grads[b]
         total += float(g.to(torch.float64).square().sum())
         count += g.numel()
+    return damping_from_sums(damping, damping_ratio, total, count)
+
+
+def damping_from_sums(damping: float | None, damping_ratio: float, sum_squares: float, count: int) -> float:
+    """:func:`global_damping` from an already accumulated ``sum of squared entries`` over
+    ``count`` entries (for methods that stream or shard the training gradients)."""
+    if damping is not None:
+        return float(damping)
     if count == 0:
         raise UserError("cannot derive a damping from empty training gradients; pass an explicit damping")
-    return damping_ratio * total / count
+    return damping_ratio * sum_squares / count

@@ -25,13 +25,11 @@ from .base import register
 
 @register
 class DataInf(BlockwiseInverseMethod):
-    """Arguments: ``damping`` (explicit float, all blocks) or ``damping_ratio`` (default 0.1)."""
+    """Arguments (:class:`~.damping.DampingArguments`): ``damping`` or ``damping_ratio``."""
 
     name = "datainf"
     needs = frozenset({"grads"})
 
-    def __init__(self, damping: float | None = None, damping_ratio: float = 0.1) -> None:
-        super().__init__(damping=damping, damping_ratio=damping_ratio)
 
     def _prepare_block(self, block: str, X: torch.Tensor, lam: float) -> torch.Tensor:
         return X.square().sum(dim=1)  # ||g_jl||^2, [n]

@@ -35,13 +35,11 @@ from .base import register
 
 @register
 class EKFAC(BlockwiseInverseMethod):
-    """Arguments: ``damping`` (explicit float, all blocks) or ``damping_ratio`` (default 0.1)."""
+    """Arguments (:class:`~.damping.DampingArguments`): ``damping`` or ``damping_ratio``."""
 
     name = "ekfac"
     needs = frozenset({"grads", "kfac"})
 
-    def __init__(self, damping: float | None = None, damping_ratio: float = 0.1) -> None:
-        super().__init__(damping=damping, damping_ratio=damping_ratio)
 
     def _check_fit(self, train: Features) -> None:
         if train.kfac is None:

@@ -29,44 +29,47 @@ are float64.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import UserError
 from ..features.types import Features
-from ._common import (DTYPE, HvpOperator, ResidualStats, check_compatible, choice, concat_row, device_of,
-                      flat64, gn_apply, positive_float, positive_int, relative_residual, require_grads)
-from .base import Method, register
-from .damping import check_damping_arguments, global_damping
-from .exact import SPDFactor
+from ._common import (DTYPE, HvpOperator, ResidualStats, check_compatible, concat_row, device_of, flat64,
+                      gn_apply, relative_residual, relative_residual_from_squares, require_grads)
+from .arguments import argument, positive_float, positive_int
+from .base import Method, Scoring, register
+from .damping import DampingArguments, damping_source, global_damping
+from .linalg import gram_factor, primal_factor, woodbury_solution
 
 HESSIANS = ("gauss-newton", "true")
 _TEST_CHUNK = 64
 
 
+@dataclass(frozen=True)
+class ExactFullArguments(DampingArguments):
+    hessian: str = argument("gauss-newton", "gauss-newton: the joint G from the stored gradients; true: the "
+                            "Hessian through Hessian-vector products, solved by conjugate gradient",
+                            choices=HESSIANS)
+    tol: float = argument(1e-8, "conjugate gradient: stop at relative residual ||r|| <= tol ||v||",
+                          check=positive_float)
+    max_iterations: int = argument(1000, "conjugate gradient: most Hessian-vector products per test example",
+                                   check=positive_int)
+
+
 @register
 class ExactFull(Method):
-    """Arguments: ``damping`` / ``damping_ratio`` (default ratio 0.1), ``hessian``
-    ("gauss-newton" or "true"), ``tol`` (CG relative residual, default 1e-8) and
-    ``max_iterations`` (CG, default 1000)."""
+    """Arguments: :class:`ExactFullArguments` (``damping`` / ``damping_ratio``, ``hessian``,
+    ``tol``, ``max_iterations``)."""
 
     name = "exact-full"
     needs = frozenset({"grads"})
+    Arguments = ExactFullArguments
+    scoring = Scoring.PRECONDITIONED
 
-    def __init__(self, damping: float | None = None, damping_ratio: float = 0.1, hessian: str = "gauss-newton",
-                 tol: float = 1e-8, max_iterations: int = 1000) -> None:
-        super().__init__()
-        self.damping, self.damping_ratio = check_damping_arguments(self.name, damping, damping_ratio)
-        self.hessian = choice(self.name, "hessian", hessian, HESSIANS)
-        self.tol = positive_float(self.name, "tol", tol)
-        self.max_iterations = positive_int(self.name, "max_iterations", max_iterations)
-        if self.hessian == "true":
-            self.needs = frozenset({"grads", "hvp"})
-
-    def arguments(self) -> dict[str, Any]:
-        return {"damping": self.damping, "damping_ratio": self.damping_ratio, "hessian": self.hessian,
-                "tol": self.tol, "max_iterations": self.max_iterations}
+    def required_features(self) -> frozenset[str]:
+        return frozenset({"grads", "hvp"}) if self.args.hessian == "true" else frozenset(self.needs)
 
     def fit(self, train: Features) -> "ExactFull":
         require_grads(self.name, train, "training")
@@ -74,10 +77,10 @@ class ExactFull(Method):
         self._device = device_of(train)
         self._blocks = train.blocks
         self._sizes = [int(train.flat(b).shape[1]) for b in self._blocks]
-        self._lam = global_damping(train, self.damping, self.damping_ratio)
+        self._lam = global_damping(train, self.args.damping, self.args.damping_ratio)
         self._stats = ResidualStats()
         self._cg = {"iterations": [], "converged": 0, "negative_curvature": 0}
-        if self.hessian == "true":
+        if self.args.hessian == "true":
             if self._lam <= 0:
                 raise UserError(f"{self.name}: the training gradients are all zero, so the damping ratio "
                                 "gives no damping; pass an explicit damping")
@@ -91,13 +94,11 @@ class ExactFull(Method):
                     X = flat64(train, b, self._device)
                     K += X @ X.T
                 self._K = K
-                self._factor = SPDFactor(K + n * self._lam * torch.eye(n, dtype=DTYPE, device=self._device))
+                self._factor = gram_factor(K, self._lam)
             else:
                 self._kind = "primal"
                 X = self._concat(train)
-                A = X.T @ X / n
-                A.diagonal().add_(self._lam)
-                self._factor = SPDFactor(A)
+                self._factor = primal_factor(X.T @ X / n, self._lam)
         self._refresh_diagnostics()
         return self
 
@@ -127,14 +128,11 @@ class ExactFull(Method):
         xs = []
         for b in self._blocks:
             X, V = flat64(train, b, self._device), flat64(test, b, self._device)
-            x = (V - Z.T @ X) / lam
+            x = woodbury_solution(V, Z.T @ X, lam)
             res_sq += (scores @ X / n + lam * x - V).square().sum(dim=1)
             v_sq += V.square().sum(dim=1)
             xs.append(x)
-        rel = res_sq.sqrt() / v_sq.sqrt()
-        rel[torch.isnan(rel)] = float("inf")
-        rel[v_sq == 0] = float("nan")
-        self._stats.add("all", rel)
+        self._stats.add("all", relative_residual_from_squares(res_sq, v_sq))
         return scores, xs
 
     # ------------------------------------------------------------------ true Hessian, CG
@@ -152,7 +150,7 @@ class ExactFull(Method):
         p = r.clone()
         rs = float(r @ r)
         iterations, converged = 0, False
-        while iterations < self.max_iterations:
+        while iterations < self.args.max_iterations:
             Ap = op(p) + lam * p
             pAp = float(p @ Ap)
             iterations += 1
@@ -163,7 +161,7 @@ class ExactFull(Method):
             x += alpha * p
             r -= alpha * Ap
             rs_new = float(r @ r)
-            if rs_new ** 0.5 <= self.tol * v_norm:
+            if rs_new ** 0.5 <= self.args.tol * v_norm:
                 converged = True
                 break
             p = r + (rs_new / rs) * p
@@ -189,7 +187,7 @@ class ExactFull(Method):
         x = torch.cat(chunks) if chunks else torch.zeros(0, sum(self._sizes), dtype=DTYPE, device=self._device)
         failed = len(self._cg["iterations"]) - self._cg["converged"]
         if failed:
-            warnings.warn(f"{self.name}: conjugate gradient reached no relative residual <= {self.tol} "
+            warnings.warn(f"{self.name}: conjugate gradient reached no relative residual <= {self.args.tol} "
                           f"for {failed} test example(s) (see diagnostics)", RuntimeWarning, stacklevel=3)
         return scores, list(torch.split(x, self._sizes, dim=1))
 
@@ -197,7 +195,7 @@ class ExactFull(Method):
 
     def _run(self, test: Features) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         check_compatible(self.name, self.train, test)
-        out = self._true_solve(test) if self.hessian == "true" else self._gn_solve(test)
+        out = self._true_solve(test) if self.args.hessian == "true" else self._gn_solve(test)
         self._refresh_diagnostics()
         return out
 
@@ -215,16 +213,16 @@ class ExactFull(Method):
     def _refresh_diagnostics(self) -> None:
         diag: dict[str, Any] = {
             **self._stats.summary(per_block=False),
-            "hessian": self.hessian,
+            "hessian": self.args.hessian,
             "damping": self._lam,
-            "damping_source": "explicit" if self.damping is not None else f"ratio {self.damping_ratio}",
+            "damping_source": damping_source(self.args.damping, self.args.damping_ratio),
         }
-        if self.hessian == "true":
+        if self.args.hessian == "true":
             its = self._cg["iterations"]
             diag.update({
                 "residual_reference": "damped true Hessian H + lambda I over all blocks jointly (Features.hvp)",
                 "solver": "conjugate gradient",
-                "tol": self.tol,
+                "tol": self.args.tol,
                 "iterations_max": max(its, default=0),
                 "iterations_mean": (sum(its) / len(its)) if its else 0.0,
                 "converged": self._cg["converged"],

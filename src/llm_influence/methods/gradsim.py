@@ -12,13 +12,11 @@ training set scored in chunks are the same as scored at once.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..features.types import Features
 from ._common import DTYPE, check_compatible, device_of, flat64, require_grads
-from .base import Method, register
+from .base import Method, Scoring, register
 
 
 def gradient_dot(train: Features, test: Features, device: torch.device) -> torch.Tensor:
@@ -49,6 +47,7 @@ class GradSim(Method):
 
     name = "gradsim"
     needs = frozenset({"grads"})
+    scoring = Scoring.SEPARABLE
 
     def fit(self, train: Features) -> "GradSim":
         require_grads(self.name, train, "training")
@@ -59,20 +58,15 @@ class GradSim(Method):
         check_compatible(self.name, self.train, test)
         return gradient_dot(self.train, test, device_of(self.train))
 
-    def arguments(self) -> dict[str, Any]:
-        return {}
-
 
 @register
-class GradSimCos(Method):
+class GradSimCos(GradSim):
     """Cosine similarity of the full concatenated gradient vectors. No arguments."""
 
     name = "gradsim-cos"
-    needs = frozenset({"grads"})
 
     def fit(self, train: Features) -> "GradSimCos":
-        require_grads(self.name, train, "training")
-        self._train = train
+        super().fit(train)
         self._train_norms = gradient_norms(train, device_of(train))
         return self
 
@@ -82,5 +76,3 @@ class GradSimCos(Method):
         dots = gradient_dot(self.train, test, device)
         return safe_cosine(dots, gradient_norms(test, device), self._train_norms)
 
-    def arguments(self) -> dict[str, Any]:
-        return {}

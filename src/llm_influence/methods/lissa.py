@@ -41,6 +41,7 @@ scale(s), damping(s). Scores are float64.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,10 +49,10 @@ import torch
 from ..errors import UserError
 from ..features.types import Features
 from ._common import (DTYPE, BlockwiseInverseMethod, HvpOperator, ResidualStats, check_compatible,
-                      choice, concat_row, device_of, flat64, positive_float, positive_int,
-                      power_iteration, relative_residual, require_grads)
+                      concat_row, device_of, flat64, power_iteration, relative_residual, require_grads)
+from .arguments import argument, integer, positive_float_or_auto, positive_int
 from .base import register
-from .damping import global_damping
+from .damping import DampingArguments, global_damping
 
 AUTO_SCALE_MARGIN = 1.05
 EXACT_EIG_MAX_DIM = 512
@@ -69,77 +70,77 @@ def gn_largest_eigenvalue(X: torch.Tensor, power_iterations: int, seed: int) -> 
     return power_iteration(lambda u: X.T @ (X @ u) / n, d, power_iterations, seed, X.device)
 
 
+@dataclass(frozen=True)
+class LiSSAArguments(DampingArguments):
+    iterations: int = argument(10, "Neumann-series steps T", check=positive_int)
+    scale: float | str = argument("auto", "scale s (the series converges when s > lambda_max / 2); 'auto': "
+                                  "1.05 x (largest eigenvalue + damping)", check=positive_float_or_auto)
+    hessian: str = argument("gauss-newton", "gauss-newton: block-wise G_l from the stored gradients; true: "
+                            "the joint Hessian through Hessian-vector products", choices=HESSIANS)
+    power_iterations: int = argument(50, "power-iteration steps for scale='auto' when no exact eigenvalue "
+                                     "is computed", check=positive_int)
+    seed: int = argument(0, "seed of the power-iteration start vector", check=integer)
+
+
 @register
 class LiSSA(BlockwiseInverseMethod):
-    """Arguments: ``iterations`` (default 10), ``scale`` ("auto" or a positive float),
-    ``damping`` / ``damping_ratio`` (default ratio 0.1), ``hessian`` ("gauss-newton" or
-    "true"), ``power_iterations`` (default 50, for the automatic scale when no exact
-    eigenvalue is computed), ``seed`` (power-iteration start)."""
+    """Arguments: :class:`LiSSAArguments` (``iterations``, ``scale``, ``hessian``,
+    ``power_iterations``, ``seed``, ``damping`` / ``damping_ratio``)."""
 
     name = "lissa"
     needs = frozenset({"grads"})
+    Arguments = LiSSAArguments
 
-    def __init__(self, iterations: int = 10, scale: float | str = "auto", damping: float | None = None,
-                 damping_ratio: float = 0.1, hessian: str = "gauss-newton", power_iterations: int = 50,
-                 seed: int = 0) -> None:
-        super().__init__(damping=damping, damping_ratio=damping_ratio)
-        self.iterations = positive_int(self.name, "iterations", iterations)
-        self.scale: float | str = "auto" if scale == "auto" else positive_float(self.name, "scale", scale)
-        self.hessian = choice(self.name, "hessian", hessian, HESSIANS)
-        self.power_iterations = positive_int(self.name, "power_iterations", power_iterations)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise UserError(f"{self.name}: seed must be an integer, got {seed!r}")
-        self.seed = seed
-        if self.hessian == "true":
-            self.needs = frozenset({"grads", "hvp"})
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.args.hessian == "true":
             self.residual_reference = TRUE_HESSIAN_REFERENCE
         self.scale_: dict[str, float] | float = {}
 
-    def arguments(self) -> dict[str, Any]:
-        return {**super().arguments(), "iterations": self.iterations, "scale": self.scale,
-                "hessian": self.hessian, "power_iterations": self.power_iterations, "seed": self.seed}
+    def required_features(self) -> frozenset[str]:
+        return frozenset({"grads", "hvp"}) if self.args.hessian == "true" else frozenset(self.needs)
 
     # ---------------------------------------------------------------- Gauss-Newton, block-wise
 
     def _prepare_block(self, block: str, X: torch.Tensor, lam: float) -> float:
-        if self.scale != "auto":
-            return float(self.scale)
-        return AUTO_SCALE_MARGIN * (gn_largest_eigenvalue(X, self.power_iterations, self.seed) + lam)
+        if self.args.scale != "auto":
+            return float(self.args.scale)
+        return AUTO_SCALE_MARGIN * (gn_largest_eigenvalue(X, self.args.power_iterations, self.args.seed) + lam)
 
     def _solve_block(self, block: str, V: torch.Tensor, X: torch.Tensor, lam: float, state: float) -> torch.Tensor:
         s = state
         n = X.shape[0]
         r = V.clone()
-        for _ in range(self.iterations):
+        for _ in range(self.args.iterations):
             r = V + r - ((r @ X.T) @ X / n + lam * r) / s
         return r / s
 
     def _extra_diagnostics(self) -> dict[str, Any]:
-        scale = self.scale_ if self.hessian == "true" else dict(self._state)
-        return {"hessian": self.hessian, "iterations": self.iterations, "scale": scale,
-                "scale_source": "auto" if self.scale == "auto" else "explicit"}
+        scale = self.scale_ if self.args.hessian == "true" else dict(self._state)
+        return {"hessian": self.args.hessian, "iterations": self.args.iterations, "scale": scale,
+                "scale_source": "auto" if self.args.scale == "auto" else "explicit"}
 
     # ---------------------------------------------------------------- true Hessian, joint
 
     def fit(self, train: Features) -> "LiSSA":
-        if self.hessian == "gauss-newton":
+        if self.args.hessian == "gauss-newton":
             return super().fit(train)
         require_grads(self.name, train, "training")
         self._train = train
         self._device = device_of(train)
         self._op = HvpOperator(self.name, train)
-        lam = global_damping(train, self.damping, self.damping_ratio)
+        lam = global_damping(train, self.args.damping, self.args.damping_ratio)
         if lam <= 0:
             raise UserError(f"{self.name}: the training gradients are all zero, so the damping ratio "
                             "gives no damping; pass an explicit damping")
         self._lam = lam
         self.damping_ = {"all": lam}
-        if self.scale == "auto":
-            top = power_iteration(lambda u: self._op(u) + lam * u, self._op.dim, self.power_iterations,
-                                  self.seed, self._device)
+        if self.args.scale == "auto":
+            top = power_iteration(lambda u: self._op(u) + lam * u, self._op.dim, self.args.power_iterations,
+                                  self.args.seed, self._device)
             self.scale_ = AUTO_SCALE_MARGIN * top
         else:
-            self.scale_ = float(self.scale)
+            self.scale_ = float(self.args.scale)
         self._state = {}
         self._stats = ResidualStats()
         self._refresh_true_diagnostics()
@@ -148,7 +149,7 @@ class LiSSA(BlockwiseInverseMethod):
     def _true_solve_one(self, v: torch.Tensor) -> torch.Tensor:
         op, lam, s = self._op, self._lam, float(self.scale_)
         r = v.clone()
-        for _ in range(self.iterations):
+        for _ in range(self.args.iterations):
             r = v + r - (op(r) + lam * r) / s
         x = r / s
         self._stats.add("all", relative_residual(op(x) + lam * x, v))
@@ -164,7 +165,7 @@ class LiSSA(BlockwiseInverseMethod):
             yield rows, xs
 
     def solve(self, test: Features) -> dict[str, torch.Tensor]:
-        if self.hessian == "gauss-newton":
+        if self.args.hessian == "gauss-newton":
             return super().solve(test)
         chunks = [xs for _, xs in self._true_solutions(test)]
         x = torch.cat(chunks) if chunks else torch.zeros(0, self._op.dim, dtype=DTYPE, device=self._device)
@@ -173,7 +174,7 @@ class LiSSA(BlockwiseInverseMethod):
         return {b: p.reshape(test.grads[b].shape) for b, p in zip(self._op.blocks, parts)}
 
     def score(self, test: Features) -> torch.Tensor:
-        if self.hessian == "gauss-newton":
+        if self.args.hessian == "gauss-newton":
             return super().score(test)
         train = self.train
         scores = torch.zeros(test.n, train.n, dtype=DTYPE, device=self._device)

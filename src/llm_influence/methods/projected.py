@@ -35,17 +35,19 @@ examples), the damping, ``dim`` (``D``), the solver. Scores are float64.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from .. import distributed
 from ..errors import UserError
 from ..features.types import Features
-from ._common import DTYPE, ResidualStats, check_compatible, device_of, positive_int, require_grads
-from .base import Method, register
-from .damping import check_damping_arguments
-from .exact import SPDFactor
+from ._common import DTYPE, ResidualStats, check_compatible, device_of, relative_residual, require_grads
+from .arguments import argument, positive_int
+from .base import Method, Scoring, register
+from .damping import DampingArguments, damping_from_sums, damping_source
+from .linalg import gram_factor, primal_factor, woodbury_solution
 
 CHUNK_BYTES = 64 << 20
 DEFAULT_MAX_DIM = 16384
@@ -70,22 +72,21 @@ def concat_rows(features: Features, blocks: list[str], start: int, stop: int,
     return out
 
 
+@dataclass(frozen=True)
+class ProjectedArguments(DampingArguments):
+    max_dim: int = argument(DEFAULT_MAX_DIM, "largest min(n, D) accepted (the solve holds a min(n, D)^2 "
+                            "float64 matrix)", check=positive_int)
+
+
 @register
 class Projected(Method):
-    """Arguments: ``damping`` / ``damping_ratio`` (default ratio 0.1, one damping for all
-    dimensions) and ``max_dim`` (largest ``min(n, D)`` accepted, default 16384)."""
+    """Arguments: :class:`ProjectedArguments` (``damping`` / ``damping_ratio``, one damping for
+    all dimensions, and ``max_dim``)."""
 
     name = "projected"
     needs = frozenset({"grads"})
-
-    def __init__(self, damping: float | None = None, damping_ratio: float = 0.1,
-                 max_dim: int = DEFAULT_MAX_DIM) -> None:
-        super().__init__()
-        self.damping, self.damping_ratio = check_damping_arguments(self.name, damping, damping_ratio)
-        self.max_dim = positive_int(self.name, "max_dim", max_dim)
-
-    def arguments(self) -> dict[str, Any]:
-        return {"damping": self.damping, "damping_ratio": self.damping_ratio, "max_dim": self.max_dim}
+    Arguments = ProjectedArguments
+    scoring = Scoring.PRECONDITIONED
 
     # ------------------------------------------------------------------ fit
 
@@ -98,10 +99,10 @@ class Projected(Method):
         self._sizes = [int(train.flat(b).shape[1]) for b in self._blocks]
         n, D = train.n, sum(self._sizes)
         self._dim = D
-        if min(n, D) > self.max_dim:
+        if min(n, D) > self.args.max_dim:
             raise UserError(f"{self.name}: {n} training examples and {D} gradient dimensions need a "
-                            f"{min(n, D)}^2 matrix (max_dim {self.max_dim}); extract with --project-dim "
-                            f"{min(4096, self.max_dim)} or a smaller one")
+                            f"{min(n, D)}^2 matrix (max_dim {self.args.max_dim}); extract with --project-dim "
+                            f"{min(4096, self.args.max_dim)} or a smaller one")
         chunks = row_chunks(n, D)
         owned = distributed.mine(len(chunks), world) if chunks else []
         # damping: sum of squares per chunk, combined exactly (each chunk summed on one rank)
@@ -109,13 +110,11 @@ class Projected(Method):
         for c in owned:
             sq[c] = self._rows(*chunks[c]).square().sum().cpu()
         sq = distributed.all_reduce_sum(sq, world)
-        if self.damping is not None:
-            lam = float(self.damping)
-        else:
-            total = 0.0
-            for value in sq.tolist():
-                total += value
-            lam = self.damping_ratio * total / (n * D) if n * D else 0.0
+        total = 0.0
+        for value in sq.tolist():  # a fixed order, so every rank derives the same damping
+            total += value
+        lam = damping_from_sums(self.args.damping, self.args.damping_ratio, total, n * D) \
+            if self.args.damping is not None or n * D else 0.0
         self._lam = lam
         self._stats = ResidualStats()
         self._kind = "none (zero gradients)"
@@ -127,9 +126,8 @@ class Projected(Method):
                     X = self._rows(*chunks[c])
                     A += X.T @ X
                 A = distributed.all_reduce_sum(A, world) / n
-                A.diagonal().add_(lam)
-                self._A = A
-                self._factor = SPDFactor(A)
+                self._factor = primal_factor(A, lam)
+                self._A = A  # now A + lam I
             else:
                 self._kind = "woodbury"
                 K = torch.zeros(n, n, dtype=DTYPE, device=self._device)
@@ -143,7 +141,7 @@ class Projected(Method):
                             K[a:b] += Xp[a:b] @ Xp.T
                 K = distributed.all_reduce_sum(K, world)
                 self._K = K
-                self._factor = SPDFactor(K + n * lam * torch.eye(n, dtype=DTYPE, device=self._device))
+                self._factor = gram_factor(K, lam)
             self._chunks = chunks
         self._refresh_diagnostics()
         return self
@@ -176,14 +174,9 @@ class Projected(Method):
         else:
             XV = self._X_times(V)  # [n, m]
             Z = self._factor.solve(XV)  # (n lam I + K)^{-1} X V^T
-            x = (V - self._Xt_times(Z).T) / lam
+            x = woodbury_solution(V, self._Xt_times(Z).T, lam)
             Hx = self._Xt_times(self._X_times(x)).T / n + lam * x
-        num = torch.linalg.vector_norm(Hx - V, dim=1)
-        den = torch.linalg.vector_norm(V, dim=1)
-        rel = num / den
-        rel[torch.isnan(rel)] = float("inf")
-        rel[den == 0] = float("nan")
-        self._stats.add("all", rel)
+        self._stats.add("all", relative_residual(Hx, V))
         return x
 
     def _solutions(self, test: Features) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -220,7 +213,7 @@ class Projected(Method):
             "residual_reference": "damped projected Gauss-Newton A + lambda I over all blocks jointly, "
                                   "A = (1/n) sum_j p_j p_j^T",
             "damping": self._lam,
-            "damping_source": "explicit" if self.damping is not None else f"ratio {self.damping_ratio}",
+            "damping_source": damping_source(self.args.damping, self.args.damping_ratio),
             "dim": self._dim,
             "blocks": len(self._blocks),
             "solver": self._kind if self._lam == 0 else f"{self._kind}/{self._factor.kind}",

@@ -9,14 +9,12 @@ gives the same columns).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..errors import UserError
 from ..features.types import Features
 from ._common import DTYPE
-from .base import Method, register
+from .base import Method, Scoring, register
 from .gradsim import safe_cosine
 
 
@@ -26,6 +24,7 @@ class RepSim(Method):
 
     name = "repsim"
     needs = frozenset({"reps"})
+    scoring = Scoring.SEPARABLE
 
     def _reps(self, features: Features, role: str) -> torch.Tensor:
         if features.reps is None:
@@ -48,5 +47,3 @@ class RepSim(Method):
         dots = reps @ self._train_reps.T
         return safe_cosine(dots, torch.linalg.vector_norm(reps, dim=1), self._train_norms)
 
-    def arguments(self) -> dict[str, Any]:
-        return {}

@@ -19,14 +19,12 @@ to ``gradsim``. Units: weight times squared gradient; positive = a gradient step
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 
 from ..errors import UserError
 from ..features.types import Features
 from ._common import check_compatible, device_of, require_grads
-from .base import Method, register
+from .base import Method, Scoring, register
 from .gradsim import gradient_dot
 
 
@@ -41,6 +39,7 @@ class TracIn(Method):
 
     name = "tracin"
     needs = frozenset({"grads", "history"})
+    scoring = Scoring.SEPARABLE
 
     def fit(self, train: Features) -> "TracIn":
         for k, (w, f) in enumerate(checkpoints(train)):
@@ -70,5 +69,3 @@ class TracIn(Method):
             total = term if total is None else total + term
         return total
 
-    def arguments(self) -> dict[str, Any]:
-        return {}

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..progress import log
 from .base import StudyResult, markdown_table, new_figure, register_study, resolve_options, save_figure
-from .lissa_iterations import epoch_log, method_spec, profile_task_run, score_checkpoint
+from .llm_runs import LLM_STUDY_DEFAULTS, epoch_log, method_spec, profile_task_run, score_checkpoint
 
 NAME = "convergence"
 TASKS = ("mixed-small", "grammars", "math", "backdoor-1")
@@ -43,10 +43,7 @@ def _defaults(profile: str) -> dict[str, Any]:
     return {
         "tasks": TASKS,
         "methods": ("datainf", "gradsim"),
-        "damping_ratio": 0.1,
-        "rank_by": "score",
-        "batch_size": 8,
-        "runs": "",
+        **LLM_STUDY_DEFAULTS,
     }
 
 
@@ -59,7 +56,7 @@ def run_task(task_name: str, profile: str, out_dir: Path, data_dir: Optional[Pat
     for checkpoint in checkpoints:
         log(f"{NAME}: {task_name} {checkpoint}")
         scored = score_checkpoint(tr.run, checkpoint, specs, rank_by=opts["rank_by"],
-                                  batch_size=int(opts["batch_size"]))
+                                  batch_size=int(opts["extract_batch_size"]))
         per_epoch.append({"epoch": int(checkpoint.split("-")[1]), "checkpoint": checkpoint,
                           "methods": {m: {k: s[k] for k in ("acc", "cover", "seconds", "diagnostics")}
                                       for m, s in scored.items()}})
@@ -149,7 +146,7 @@ def convergence_study(profile: str, out_dir: Path, data_dir: Optional[Path], opt
 
     Options: ``tasks`` (paper task names), ``methods`` (registered gradient/representation
     methods, default ``datainf,gradsim``), ``damping_ratio`` (0.1), ``rank_by``
-    (``score``/``abs``), ``batch_size`` (feature extraction), ``runs`` (a directory of
+    (``score``/``abs``), ``extract_batch_size`` (feature extraction), ``runs`` (a directory of
     ``reproduce`` runs to reuse; default ``OUT/runs``). Sizes and epochs are the profile's.
     """
     opts = resolve_options(NAME, options, _defaults(profile))

@@ -62,7 +62,7 @@ def _defaults(profile: str) -> dict[str, Any]:
         "pool": 2 if smoke else 1,
         "lr": 0.01,
         "momentum": 0.9,
-        "batch_size": 64,
+        "train_batch_size": 64,
         "seed": 0,
         "threads": 1,
     }
@@ -109,7 +109,7 @@ def train_width(width: int, Xtr: torch.Tensor, ytr: torch.Tensor, Xte: torch.Ten
     theta0 = model.flat()
     opt = torch.optim.SGD(model.parameters(), lr=float(opts["lr"]), momentum=float(opts["momentum"]))
     order_gen = torch.Generator().manual_seed(seed)
-    bs = int(opts["batch_size"])
+    bs = int(opts["train_batch_size"])
     acc, loss = _evaluate(model, Xte, yte)
     change, accs, losses, train_losses = [0.0], [acc], [loss], [None]
     for _ in range(int(opts["epochs"])):
@@ -178,7 +178,7 @@ def _markdown(results: list[dict], opts: dict, fig_name: str, n_inputs: int) -> 
         "## Parameter change vs behaviour change by model size (paper: Fig. 7)",
         "",
         f"Two-layer linear MNIST classifiers, logits = W2 (W1 x) + b2 with {n_inputs} inputs, "
-        f"trained with SGD (lr {opts['lr']}, momentum {opts['momentum']}, batch {opts['batch_size']}) for "
+        f"trained with SGD (lr {opts['lr']}, momentum {opts['momentum']}, batch {opts['train_batch_size']}) for "
         f"{opts['epochs']} epochs on {opts['n_train']:,} images of the MNIST test split, tested on "
         f"{opts['n_test']:,} others. W2 and b2 start at zero (the initial model is uniform for every "
         "width; both matrices at zero would never learn) and W1 ~ N(0, 1/F). "
@@ -200,7 +200,7 @@ def model_size_study(profile: str, out_dir: Path, data_dir: Optional[Path], opti
     """Run the model-size study (module docstring) and write ``model-size.png``.
 
     Options (defaults depend on the profile): ``widths``, ``epochs``, ``n_train``, ``n_test``,
-    ``pool`` (MNIST average pooling), ``lr``, ``momentum``, ``batch_size``, ``seed``,
+    ``pool`` (MNIST average pooling), ``lr``, ``momentum``, ``train_batch_size``, ``seed``,
     ``threads`` (torch intra-op threads, default 1: robust to a shared machine and as fast here;
     0 = leave torch's setting).
     """

@@ -100,7 +100,7 @@ from ..progress import log
 from ..rundir import RunDir
 from ..training.load import load_finetuned
 from .base import StudyResult, markdown_table, new_figure, register_study, resolve_options, save_figure
-from .lissa_iterations import TaskRun, ensure_finetuned, epoch_log
+from .llm_runs import TaskRun, ensure_finetuned, epoch_log
 
 NAME = "parameter-change"
 SOURCE_TASK = "mixed-small"
@@ -308,7 +308,7 @@ def _defaults(profile: str) -> dict[str, Any]:
     return {
         "per_group": (4, 10, 0)[p],          # rows per group from mixed-small's train split; 0 = all
         "epochs": (2, 3, 0)[p],              # 0 = the profile's mixed-small setting
-        "batch_size": (4, 4, 0)[p],
+        "train_batch_size": (4, 4, 0)[p],
         "lr": (1e-3, 1e-3, 0.0)[p],
         "seeds": (0, 1, 2),
         "asr_start": (500, 500, 450)[p],
@@ -326,7 +326,7 @@ def _defaults(profile: str) -> dict[str, Any]:
 def _train_args(profile: str, task: str, opts: dict, *, epochs: int, lr: float, seed: int) -> TrainArgs:
     base = get_profile(profile).train_args(task)
     return replace(base, epochs=int(epochs) or base.epochs, lr=float(lr) or base.lr,
-                   batch_size=int(opts["batch_size"]) or base.batch_size, seed=int(seed),
+                   batch_size=int(opts["train_batch_size"]) or base.batch_size, seed=int(seed),
                    validation="none", early_stopping=False, val_per_group=None)
 
 
@@ -548,7 +548,7 @@ def parameter_change_study(profile: str, out_dir: Path, data_dir: Optional[Path]
     """Run the parameter-change study (module docstring) and write ``parameter-change.png``.
 
     Options (defaults per profile in the module docstring): ``per_group``, ``epochs``,
-    ``batch_size``, ``lr`` (0 = the profile's), ``seeds``, ``asr_start``, ``asr_count``,
+    ``train_batch_size``, ``lr`` (0 = the profile's), ``seeds``, ``asr_start``, ``asr_count``,
     ``max_new_tokens``, ``refusal_list`` (a key of ``refusal_prefixes.json``), ``align``,
     ``align_per_group`` (0 = all), ``align_epochs``, ``align_lr``, ``unaligned_finetunes``.
     """

@@ -42,7 +42,7 @@ from ..errors import UserError
 from ..models.registry import load_model
 from ..progress import log
 from .base import StudyResult, markdown_table, new_figure, register_study, resolve_options, save_figure
-from .lissa_iterations import epoch_log, method_spec, profile_task_run, score_checkpoint
+from .llm_runs import epoch_log, method_spec, profile_task_run, score_checkpoint
 from .parameter_change import LoraDelta
 
 NAME = "trainable-params"
@@ -60,7 +60,7 @@ def _defaults(profile: str) -> dict[str, Any]:
         "train_per_group": 10 if cpu else 0,  # 0 = the profile's setting for the task
         "test_per_group": 20 if cpu else 0,
         "epochs": 4 if cpu else 0,
-        "batch_size": 4 if cpu else 0,
+        "train_batch_size": 4 if cpu else 0,
         "damping_ratio": 0.1,
         "rank_by": "score",
         "runs": "",
@@ -100,7 +100,8 @@ def _run_config(cfg: dict, n_layers: int, profile: str, out_dir: Path, data_dir:
     prof = get_profile(profile)
     layers = tuple(cfg["layers"])
     lora = None if len(layers) == n_layers else replace(prof.lora, layers=layers)
-    train = {k: int(opts[k]) for k in ("epochs", "batch_size") if int(opts[k])}
+    train = {field: int(opts[key]) for key, field in (("epochs", "epochs"), ("train_batch_size", "batch_size"))
+             if int(opts[key])}
     tr = profile_task_run(NAME, opts["task"], profile, out_dir, data_dir, opts["runs"] or None, lora=lora,
                           train=train or None, train_per_group=int(opts["train_per_group"]) or None,
                           test_per_group=int(opts["test_per_group"]) or None,
@@ -193,7 +194,7 @@ def trainable_params_study(profile: str, out_dir: Path, data_dir: Optional[Path]
 
     Options: ``task``, ``methods`` (default ``datainf,gradsim``), ``strides`` (every s-th layer,
     default ``1,2,4``), ``depth_parts`` (3), ``train_per_group``, ``test_per_group``, ``epochs``,
-    ``batch_size`` (0 = the profile's; ``cpu``: 10, 20, 4, 4), ``damping_ratio``, ``rank_by``,
+    ``train_batch_size`` (0 = the profile's; ``cpu``: 10, 20, 4, 4), ``damping_ratio``, ``rank_by``,
     ``runs`` (a directory of ``reproduce`` runs to reuse; default ``OUT/runs``).
     """
     opts = resolve_options(NAME, options, _defaults(profile))

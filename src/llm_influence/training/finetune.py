@@ -47,7 +47,7 @@ from ..errors import UserError, warn
 from ..hardware import resolve_autocast
 from ..io_utils import append_jsonl, atomic_path, publish_dir
 from ..models.formatting import ChatFormatter, Encoded, collate, model_inputs
-from ..models.lora import LoraSpec, attach_lora, lora_parameters
+from ..models.lora import LoraSpec, attach_lora
 from ..models.loss import per_example_loss
 from ..models.registry import load_model
 from ..progress import log, progress
