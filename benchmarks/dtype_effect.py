@@ -1,4 +1,4 @@
-"""Effect of the model compute dtype (``attribute --dtype``) on the scores.
+"""Effect of the model compute dtype (``attribute --extract-dtype``) on the scores.
 
 Copies a fine-tuned run (config, data, checkpoints; no features or scores) once per dtype,
 runs ``attribute`` with each dtype, and compares every method's scores with the float32
@@ -72,7 +72,7 @@ def main() -> None:
             run = Path(tmp) / dtype
             _copy_run(Path(ns.run), run)
             t0 = time.perf_counter()
-            out = attribute(run, AttributeArgs(methods=methods, dtype=dtype, batch_size=ns.batch_size))
+            out = attribute(run, AttributeArgs(methods=methods, dtype=dtype, extract_batch_size=ns.batch_size))
             wall = time.perf_counter() - t0
             metrics = evaluate_run(run)
             (checkpoint,) = metrics["checkpoints"]

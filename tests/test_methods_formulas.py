@@ -279,6 +279,54 @@ def test_lissa_matches_the_recursion_written_out():
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
 
 
+def test_lissa_paper_matches_the_authors_recursion_written_out():
+    """The authors' utils.py, per block: r <- v + r - (1/n) sum_j (<g_j, r> g_j - lam r) / 1000,
+    written with an explicit loop over training examples; score = <r_T, g_i> (no division)."""
+    shapes = {"a": (2, 3), "b": (3, 2)}
+    train = random_features(5, shapes, seed=92)
+    test = random_features(3, shapes, seed=93)
+    T = 10
+    lams = paper_damping(train)
+    want = np.zeros((3, 5))
+    for b in shapes:
+        X = train.flat(b).numpy()
+        for t in range(3):
+            v = test.flat(b)[t].numpy()
+            r = v.copy()
+            for _ in range(T):
+                acc = np.zeros_like(r)
+                for g in X:
+                    acc += np.dot(g, r) * g - lams[b] * r
+                r = v + r - acc / X.shape[0] / 1000.0
+            want[t] += X @ r
+    m = make_method("lissa-paper")
+    got = m.fit(train).score(test)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    # closed form: r_T = sum_k (I - (G - lam I)/s)^k v, and it is not (G + lam I)^{-1} v
+    X = train.flat("a")
+    A = torch.eye(6, dtype=F64) - (X.T @ X / 5 - lams["a"] * torch.eye(6, dtype=F64)) / 1000.0
+    power_sum = sum(torch.linalg.matrix_power(A, k) for k in range(T + 1))
+    torch.testing.assert_close(m.solve(test)["a"].reshape(3, -1), test.flat("a") @ power_sum.T, rtol=1e-12, atol=0)
+    d = m.diagnostics
+    assert d["residual_max"] > 1.0  # far from any inverse of G + lam I ...
+    assert 0 <= d["residual_best_scale_mean"] <= d["residual_best_scale_max"] <= 1.0  # ... even up to scale
+    assert d["iterations"] == T and d["scale"] == 1000.0
+
+
+def test_lissa_paper_grows_along_the_null_space_when_n_is_below_d():
+    """With n < d, G - lam I has the eigenvalue -lam: the recursion multiplies that part of v
+    by sum_k (1 + lam/s)^k instead of converging."""
+    shapes = {"a": (3, 4)}
+    train = random_features(2, shapes, seed=94)
+    X = train.flat("a")
+    lam, s, T = 50.0, 1000.0, 30  # |1 - (mu - lam)/s| < 1 + lam/s for G's other eigenvalues mu
+    null = torch.linalg.svd(X, full_matrices=True).Vh[-1]  # orthogonal to both training gradients
+    test = Features(ids=["t"], grads={"a": null.reshape(1, 3, 4).clone()})
+    r = make_method("lissa-paper", damping=lam, scale=s, iterations=T).fit(train).solve(test)["a"].reshape(-1)
+    growth = sum((1 + lam / s) ** k for k in range(T + 1))
+    torch.testing.assert_close(r, growth * null, rtol=1e-10, atol=1e-12)
+
+
 def spd_hvp_features(n: int, shapes: dict[str, tuple[int, int]], seed: int) -> tuple[Features, torch.Tensor]:
     """Training features whose ``hvp`` multiplies by an explicit SPD matrix ``A`` ``[D, D]``."""
     train = random_features(n, shapes, seed=seed)

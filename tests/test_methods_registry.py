@@ -12,8 +12,9 @@ from llm_influence.methods import (SCORE_CONVENTION, Method, Scoring, available_
                                    implementation_digest, make_method, method_fields, method_parameters, register)
 
 F64 = torch.float64
-ALL = ["datainf", "ekfac", "exact", "exact-full", "gradsim", "gradsim-cos", "lissa", "projected", "repsim", "tracin"]
-GLOBAL_FIT = ["datainf", "lissa", "exact", "exact-full", "ekfac"]
+ALL = ["datainf", "ekfac", "exact", "exact-full", "gradsim", "gradsim-cos", "lissa", "lissa-paper", "projected",
+       "repsim", "tracin"]
+GLOBAL_FIT = ["datainf", "lissa", "lissa-paper", "exact", "exact-full", "ekfac"]
 SHAPES = {"m.layers.0.q_proj.lora_A": (2, 6), "m.layers.0.q_proj.lora_B": (6, 2), "m.layers.1.v_proj.lora_A": (2, 5)}
 
 

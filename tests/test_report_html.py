@@ -344,3 +344,20 @@ def test_a_run_without_scorable_test_examples_is_skipped_not_a_traceback(tmp_pat
     assert "no test example can be scored" in capsys.readouterr().err
     payload = extract_payload((out / "report.html").read_text())
     assert [t["name"] for t in payload["tasks"]] == ["ok"]
+
+
+def test_metrics_json_holds_the_other_ranking(tmp_path):
+    """evaluate stores Acc/Cover under |IF| beside -IF, computed from the same scores."""
+    from llm_influence.evaluation.metrics import relevance_from_task
+
+    signed = torch.tensor([[3.0, -5.0, 1.0, 0.5, -0.25, 2.0], [-4.0, 1.0, 0.0, 2.5, 3.5, -1.0],
+                           [0.5, 0.25, -6.0, 1.0, 2.0, -3.0]], dtype=torch.float64)
+    run = make_run(tmp_path / "run", "toy", TRAIN, TEST, {("epoch-1", "hand"): signed})
+    entry = json.loads((run / "metrics.json").read_text())["checkpoints"]["epoch-1"]["hand"]
+    relevant = relevance_from_task(RunDir(run).load_task())
+    by_abs = evaluate_scores(signed, relevant, rank_by="abs")
+    by_score = evaluate_scores(signed, relevant, rank_by="score")
+    assert entry["other_ranking"]["rank_by"] == "abs"
+    assert entry["other_ranking"]["acc"] == by_abs.acc and entry["other_ranking"]["cover"] == by_abs.cover
+    assert entry["other_ranking"]["acc_ci95"] == [float(v) for v in by_abs.acc_ci95]
+    assert entry["acc"] == by_score.acc and (by_abs.acc, by_abs.cover) != (by_score.acc, by_score.cover)

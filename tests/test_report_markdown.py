@@ -250,3 +250,22 @@ def test_paper_numbers_table_4_and_empty_tables():
 def test_bad_tasks_raise(bad):
     with pytest.raises(ValueError):
         render_report(bad, {})
+
+
+def test_both_rankings_are_shown_and_labelled():
+    """Each method's other_ranking (|IF| beside -IF) gets its own labelled copy of every table."""
+    results = _results()
+    assert "The same tables, ranked by" not in render_report(results, {})  # nothing to show without it
+    ms = results["tasks"]["mixed-small"]["methods"]
+    ms["datainf"]["other_ranking"] = {"rank_by": "abs", "acc": 0.25, "acc_ci95": [0.1, 0.45], "cover": 0.3,
+                                      "cover_ci95": [0.2, 0.4]}
+    ms["repsim"]["other_ranking"] = {"rank_by": "abs", "acc": 1.0, "acc_ci95": [1.0, 1.0], "cover": 0.55,
+                                     "cover_ci95": [0.5, 0.6]}
+    report = render_report(results, {})
+    assert "## The same tables, ranked by |score| (|IF|, the paper's text and its ICLR-era code)" in report
+    assert "The tables above rank training examples by score (−IF, the paper's v2 code)" in report
+    heading = "### Table 2: Harmful data identification (ranked by abs)"
+    assert _cell(report, heading, "DataInf", "Mixed (small) Acc") == "25.0 [10.0, 45.0]"
+    assert _cell(report, heading, "RepSim", "Mixed (small) Cover") == "**55.0 [50.0, 60.0]**"
+    # the first table keeps the primary ranking's numbers
+    assert _cell(report, "## Table 2", "DataInf", "Mixed (small) Acc").startswith("90.0")

@@ -110,7 +110,7 @@ def run_task(task_name: str, profile_name: str, out_dir: Path, *, methods: Seque
 
 #: what results.json keeps of each method's metrics.json entry
 METHOD_RESULT_KEYS = ("acc", "acc_ci95", "cover", "cover_ci95", "ties", "seconds", "n_scored", "n_skipped",
-                      "diagnostics")
+                      "diagnostics", "other_ranking")
 
 
 def across_seeds(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:

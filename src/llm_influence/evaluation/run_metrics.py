@@ -38,10 +38,23 @@ def diagnostics_summary(diagnostics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def other_ranking(rank_by: str) -> str:
+    """The ranking the tables show second: ``abs`` (|IF|, the paper's text and its ICLR-era
+    code) beside ``score`` (-IF, its v2 code), and the other way round."""
+    return "abs" if rank_by == "score" else "score"
+
+
+#: what ``other_ranking`` keeps of the second ranking's metrics
+OTHER_RANKING_KEYS = ("acc", "acc_ci95", "cover", "cover_ci95", "ties")
+
+
 def evaluate_run(run_path: str | Path, rank_by: str = "score") -> dict[str, Any]:
     """Compute Acc/Cover for every ``RUN/scores/epoch-N/METHOD.safetensors`` and write
     ``RUN/metrics.json``: ``{"rank_by", "inputs_sha256", "checkpoints": {epoch-N: {method: {acc,
-    cover, n_scored, n_skipped, seconds, feature_seconds, diagnostics, scores_sha256}}}}``.
+    cover, n_scored, n_skipped, seconds, feature_seconds, diagnostics, scores_sha256,
+    other_ranking}}}}``. ``other_ranking`` holds Acc/Cover (with intervals) under the other
+    ranking (:func:`other_ranking`: ``{"rank_by": "abs", "acc": ..., ...}`` for the default
+    ``score``), so every table can be shown both ways.
 
     ``scores_sha256`` is the SHA-256 of the scores file a row was computed from and
     ``inputs_sha256`` hashes all of them with ``rank_by`` and the ground truth (ids and
@@ -79,6 +92,7 @@ def evaluate_run(run_path: str | Path, rank_by: str = "score") -> dict[str, Any]
                                 "(re-run `llm-influence attribute --force`)")
             try:
                 m = evaluate_scores(scores, relevant, rank_by=rank_by)
+                second = evaluate_scores(scores, relevant, rank_by=other_ranking(rank_by)).to_dict()
             except ValueError as exc:  # NaN/Inf scores, wrong shape, no scorable test example
                 raise UserError(f"{path}: {exc}; not evaluated (re-run `llm-influence attribute --force`)") from None
             digest = sha256_file(path)
@@ -87,6 +101,7 @@ def evaluate_run(run_path: str | Path, rank_by: str = "score") -> dict[str, Any]
                 **m.to_dict(), "seconds": meta.get("seconds"), "feature_seconds": meta.get("feature_seconds"),
                 "arguments": meta.get("arguments", {}), "diagnostics": diagnostics_summary(meta.get("diagnostics", {})),
                 "scores_sha256": digest,
+                "other_ranking": {"rank_by": other_ranking(rank_by), **{k: second[k] for k in OTHER_RANKING_KEYS}},
             }
         if per_method:
             checkpoints[folder.name] = per_method

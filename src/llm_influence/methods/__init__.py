@@ -10,6 +10,7 @@ returning ``[n_test, n_train]`` float64 scores on the device of the training gra
 | ``repsim`` | :mod:`.repsim` | cosine of representations |
 | ``datainf`` | :mod:`.datainf` | block-wise Sherman-Morrison average |
 | ``lissa`` | :mod:`.lissa` | Neumann-series iteration toward ``(H + lambda I)^{-1} v`` |
+| ``lissa-paper`` | :mod:`.lissa_paper` | the authors' recursion (damping with a minus sign, fixed divisor 1000) |
 | ``exact`` | :mod:`.exact` | block-exact ``(G_l + lambda_l I)^{-1} v_l`` |
 | ``exact-full`` | :mod:`.exact_full` | joint ``(H + lambda I)^{-1} v`` over all blocks |
 | ``ekfac`` | :mod:`.ekfac` | EK-FAC with eigenvalue correction |
@@ -21,7 +22,7 @@ its :class:`Scoring` (see :class:`Method`). Damping (:mod:`.damping`), the exact
 (:mod:`.linalg`) and the residuals (:mod:`._common`) are shared by every method.
 """
 
-from . import datainf, ekfac, exact, exact_full, gradsim, lissa, projected, repsim, tracin  # noqa: F401  (registration)
+from . import datainf, ekfac, exact, exact_full, gradsim, lissa, lissa_paper, projected, repsim, tracin  # noqa: F401  (registration)
 from .arguments import MethodArguments, NoArguments, argument, positive_float, positive_int
 from .base import (SCORE_CONVENTION, Method, Scoring, available_methods, get_method_class, implementation_digest,
                    make_method, method_fields, method_parameters, register)

@@ -295,6 +295,29 @@ def render_results_table(results: Mapping[str, Any], tasks: Sequence[str],
     return markdown_table(header, rows)
 
 
+RANKING_LABELS = {"score": "score (−IF, the paper's v2 code)",
+                  "abs": "|score| (|IF|, the paper's text and its ICLR-era code)"}
+
+
+def other_ranking_view(results: Mapping[str, Any]) -> Optional[tuple[str, dict[str, Any]]]:
+    """``(rank_by, results)`` where every method's entry is replaced by its ``other_ranking``
+    metrics (written by ``evaluate``), or ``None`` when no method has them."""
+    tasks: dict[str, Any] = {}
+    rank_by = None
+    for name, task in _tasks(results).items():
+        methods = {}
+        for method, entry in _methods(task).items():
+            other = entry.get("other_ranking") if isinstance(entry, Mapping) else None
+            if isinstance(other, Mapping):
+                methods[method] = dict(other)
+                rank_by = rank_by or other.get("rank_by")
+        if methods:
+            tasks[name] = {"methods": methods}
+    if not tasks:
+        return None
+    return str(rank_by), {**results, "tasks": tasks}
+
+
 def render_seed_table(results: Mapping[str, Any]) -> Optional[str]:
     """Acc/Cover mean ± sample std over fine-tuning seeds (``across_seeds`` of each task
     that has more than one seed), as percentages; ``None`` when no task has several."""
@@ -544,6 +567,24 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str], *,
     if others:
         body = render_results_table(results, others, None)
         sections.append(f"## Other tasks\n\nTasks outside the paper's Tables 2–4; no paper numbers.\n\n{body}")
+    view = other_ranking_view(results)
+    if view is not None:
+        second, shadow = view
+        first = str(results.get("rank_by") or "score")
+        parts = [f"## The same tables, ranked by {RANKING_LABELS.get(second, md_escape(second))}\n\n"
+                 f"The tables above rank training examples by {RANKING_LABELS.get(first, md_escape(first))}; "
+                 "here the same scores are ranked the other way, with the same tie rule, intervals and bold rule. "
+                 "The paper's columns are repeated for reference."]
+        for number in TABLE_ORDER:
+            table = PAPER_TABLES[number]
+            body = render_results_table(shadow, table.tasks, table)
+            if body is not None:
+                parts.append(f"### Table {number}: {table.title} (ranked by {md_escape(second)})\n\n{body}")
+        if others:
+            body = render_results_table(shadow, others, None)
+            if body is not None:
+                parts.append(f"### Other tasks (ranked by {md_escape(second)})\n\n{body}")
+        sections.append("\n\n".join(parts))
 
     seed_table = render_seed_table(results)
     if seed_table is not None:

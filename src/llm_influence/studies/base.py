@@ -246,6 +246,18 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def with_interval(entry: Mapping[str, Any], key: str, digits: int = 3) -> str:
+    """``"0.844 [0.719, 0.969]"``: ``entry[key]`` with its ``KEY_ci95`` 95 % bootstrap interval
+    (the value alone when the entry has no interval)."""
+    value = entry.get(key)
+    ci = entry.get(f"{key}_ci95")
+    if value is None:
+        return fmt(None, digits)
+    if not ci:
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
     """A GitHub-flavoured Markdown table; cells go through :func:`fmt`."""
     def cell(v: Any) -> str:

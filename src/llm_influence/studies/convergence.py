@@ -31,7 +31,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ..progress import log
-from .base import StudyResult, markdown_table, new_figure, register_study, resolve_options, save_figure
+from .base import (StudyResult, markdown_table, new_figure, register_study, resolve_options, save_figure,
+                   with_interval)
 from .llm_runs import LLM_STUDY_DEFAULTS, epoch_log, method_spec, profile_task_run, score_checkpoint
 
 NAME = "convergence"
@@ -58,7 +59,7 @@ def run_task(task_name: str, profile: str, out_dir: Path, data_dir: Optional[Pat
         scored = score_checkpoint(tr.run, checkpoint, specs, rank_by=opts["rank_by"],
                                   batch_size=int(opts["extract_batch_size"]))
         per_epoch.append({"epoch": int(checkpoint.split("-")[1]), "checkpoint": checkpoint,
-                          "methods": {m: {k: s[k] for k in ("acc", "cover", "seconds", "diagnostics")}
+                          "methods": {m: {k: s[k] for k in ("acc", "cover", "acc_ci95", "cover_ci95", "seconds", "diagnostics")}
                                       for m, s in scored.items()}})
     losses = epoch_log(tr.run)
     epochs = [p["epoch"] for p in per_epoch]
@@ -118,7 +119,7 @@ def _markdown(results: list[dict], methods: list[str], opts: dict, fig_name: str
         for p in r["per_epoch"]:
             lr = loss.get(p["epoch"], {})
             rows.append([r["task"], p["epoch"], lr.get("train_loss"), lr.get("val_loss")]
-                        + [p["methods"][m][x] for m in methods for x in ("acc", "cover")])
+                        + [with_interval(p["methods"][m], x) for m in methods for x in ("acc", "cover")])
     best = "; ".join(f"{r['task']}: best Acc at epoch " + ", ".join(
         f"{e} ({LABELS.get(m, m)})" for m, e in r["best_epoch_by_acc"].items())
         + (f", lowest validation loss at epoch {r['best_epoch_by_val_loss']}"
@@ -130,7 +131,8 @@ def _markdown(results: list[dict], methods: list[str], opts: dict, fig_name: str
         f"fine-tuned run (profile {profile}; damping ratio {opts['damping_ratio']}), next to the training loss "
         "(mean of the epoch's batch losses; epoch 0 = before training) and the validation loss (mean per-example "
         "token cross-entropy in nats on the run's validation subset). If influence functions needed a converged "
-        "model, Acc would rise as the losses fall. " + best + ".",
+        "model, Acc would rise as the losses fall. Acc and Cover in [0, 1], in brackets the 95 % bootstrap "
+        "interval over test examples. " + best + ".",
         "",
         markdown_table(head, rows),
         "",

@@ -41,7 +41,8 @@ from ..config import get_profile
 from ..errors import UserError
 from ..models.registry import load_model
 from ..progress import log
-from .base import StudyResult, markdown_table, new_figure, register_study, resolve_options, save_figure
+from .base import (StudyResult, markdown_table, new_figure, register_study, resolve_options, save_figure,
+                   with_interval)
 from .llm_runs import epoch_log, method_spec, profile_task_run, score_checkpoint
 from .parameter_change import LoraDelta
 
@@ -116,7 +117,8 @@ def _run_config(cfg: dict, n_layers: int, profile: str, out_dir: Path, data_dir:
             "n_lora_modules": len(delta.factors),
             "final_train_loss": losses[-1]["train_loss"] if losses else None,
             "final_val_loss": losses[-1]["val_loss"] if losses else None,
-            "methods": {m: {k: s[k] for k in ("acc", "cover", "seconds", "diagnostics")} for m, s in scored.items()}}
+            "methods": {m: {k: s[k] for k in ("acc", "cover", "acc_ci95", "cover_ci95", "seconds", "diagnostics")}
+                        for m, s in scored.items()}}
 
 
 def _figure(configs: list[dict], methods: list[str], path: Path, profile: str, task: str, n_layers: int) -> Path:
@@ -168,7 +170,7 @@ def _markdown(configs: list[dict], methods: list[str], opts: dict, fig_name: str
     head = ["config", "layers", "#layers", "LoRA params"] + [f"{LABELS.get(m, m)} {x}" for m in methods
                                                              for x in ("Acc", "Cover")] + ["train loss", "val loss"]
     rows = [[c["label"], _layers_text(c["layers"]), c["n_layers"], c["n_lora_params"]]
-            + [c["methods"][m][x] for m in methods for x in ("acc", "cover")]
+            + [with_interval(c["methods"][m], x) for m in methods for x in ("acc", "cover")]
             + [c["final_train_loss"], c["final_val_loss"]] for c in configs]
     first = configs[0]
     return "\n".join([
@@ -178,7 +180,8 @@ def _markdown(configs: list[dict], methods: list[str], opts: dict, fig_name: str
         f"LoRA on a subset of the model's {n_layers} decoder layers: every s-th layer (s = "
         f"{', '.join(str(s) for s in opts['strides'])}; only the number changes) and contiguous parts of the depth "
         f"({opts['depth_parts']} parts). Acc/Cover of {', '.join(LABELS.get(m, m) for m in methods)} at the last "
-        "checkpoint; losses are the final epoch's (nats; validation on the run's validation subset).",
+        "checkpoint, in [0, 1], with the 95 % bootstrap interval over test examples in brackets; losses are the "
+        "final epoch's (nats; validation on the run's validation subset).",
         "",
         markdown_table(head, rows),
         "",
