@@ -288,7 +288,7 @@ COMMANDS: dict[str, Entry] = {
         NOT_RUN, "the whole benchmark and every study: 7 min 48 s on the smoke profile on 2 CPU cores "
                  "(measured); tests/test_reproduce_smoke.py runs it"),
     "llm-influence finetune --task mixed-small --profile cpu --out runs/ms": Entry(IN_PROCESS, check=check_finetune),
-    "llm-influence attribute --run runs/ms --methods datainf,lissa,gradsim,repsim,exact": Entry(
+    "llm-influence attribute --run runs/ms --methods datainf,lissa-paper,lissa,gradsim,repsim,exact": Entry(
         IN_PROCESS, check=check_attribute),
     "llm-influence evaluate --run runs/ms": Entry(IN_PROCESS, check=check_evaluate),
     "llm-influence generate --run runs/ms --prompt 'How do vaccines work?'": Entry(IN_PROCESS, check=check_generate),

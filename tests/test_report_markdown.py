@@ -98,7 +98,7 @@ def test_other_formatting():
 
 def test_method_order_puts_paper_methods_first():
     assert method_order(["zeta", "tracin", "repsim", "exact"]) == [
-        "datainf", "lissa", "gradsim", "repsim", "exact", "tracin", "zeta"]
+        "datainf", "lissa-paper", "lissa", "gradsim", "repsim", "exact", "tracin", "zeta"]
 
 
 # --------------------------------------------------------------------------- tables
@@ -129,9 +129,12 @@ def test_ties_are_all_bold_and_a_lone_value_is_not():
 def test_missing_methods_show_a_dash():
     report = render_report(_results(), {})
     header, rows = _table(report, "## Table 2")
-    assert list(rows) == ["DataInf", "LiSSA", "GradSim", "RepSim", "Exact", "EK-FAC"]
-    assert rows["LiSSA"][1:] == [DASH, DASH]
-    assert rows["GradSim"][1:] == [DASH, DASH]
+    assert list(rows) == ["DataInf", "LiSSA (authors' recursion)", "LiSSA", "GradSim", "RepSim", "Exact", "EK-FAC"]
+    ours = [i for i, h in enumerate(header) if h in ("Mixed (small) Acc", "Mixed (small) Cover")]
+    assert [rows["LiSSA"][i] for i in ours] == [DASH, DASH]
+    assert [rows["GradSim"][i] for i in ours] == [DASH, DASH]
+    # the authors' released scores have no number for the solver lissa: a dash beside ours
+    assert all(cell == DASH for cell in rows["LiSSA"][1:])
     assert _cell(report, "## Table 4", "DataInf", "Backdoor (3 triggers) Acc") == DASH
 
 
@@ -139,15 +142,17 @@ def test_paper_numbers_sit_next_to_ours_in_table_4():
     report = render_report(_results(), {})
     header, rows = _table(report, "## Table 4")
     acc = header.index("Backdoor (1 trigger) Acc")
-    assert header[acc + 1] == "Backdoor (1 trigger) Acc (paper)"
+    assert header[acc + 1] == "Backdoor (1 trigger) Acc (paper, Llama-2-7b-chat)"
     assert header[acc + 2] == "Backdoor (1 trigger) Cover"
-    assert header[acc + 3] == "Backdoor (1 trigger) Cover (paper)"
+    assert header[acc + 3] == "Backdoor (1 trigger) Cover (paper, Llama-2-7b-chat)"
     assert rows["DataInf"][acc + 1] == "94.0"
     assert rows["DataInf"][acc + 3] == "60.9"
     assert rows["RepSim"][acc + 1] == "100.0"
     assert rows["RepSim"][acc + 3] == "99.4"
-    assert rows["LiSSA"][header.index("Backdoor (3 triggers) Acc (paper)")] == "31.0"
-    assert rows["GradSim"][header.index("Backdoor (3 triggers) Cover (paper)")] == "35.3"
+    # the paper's LiSSA sits beside the same algorithm (lissa-paper), not beside the solver
+    assert rows["LiSSA (authors' recursion)"][header.index("Backdoor (3 triggers) Acc (paper, Llama-2-7b-chat)")] == "31.0"
+    assert rows["LiSSA"][header.index("Backdoor (3 triggers) Acc (paper, Llama-2-7b-chat)")] == DASH
+    assert rows["GradSim"][header.index("Backdoor (3 triggers) Cover (paper, Llama-2-7b-chat)")] == "35.3"
     # paper columns are never bold, and methods the paper did not run have no paper number
     assert not any(cell.startswith("**") for row in rows.values() for cell in row[acc + 1::2])
     assert "not re-checked" in report
@@ -158,7 +163,14 @@ def test_absent_tasks_and_tables_are_omitted():
     header4, _ = _table(report, "## Table 4")
     assert not any("5 triggers" in h for h in header4)
     header3, _ = _table(report, "## Table 3")
-    assert header3 == ["Method", "MathQA Acc", "MathQA Cover"]  # no paper numbers known for Table 3
+    # no published numbers known for Table 3: only the authors' released scores, labelled
+    assert header3 == ["Method", "MathQA Acc", "MathQA Acc (authors' released scores, Llama-2-7b-chat)",
+                       "MathQA Acc (authors' released scores, Mistral-7B-Instruct-v0.3)", "MathQA Cover",
+                       "MathQA Cover (authors' released scores, Llama-2-7b-chat)",
+                       "MathQA Cover (authors' released scores, Mistral-7B-Instruct-v0.3)"]
+    _, rows3 = _table(report, "## Table 3")
+    assert rows3["GradSim"][header3.index("MathQA Cover (authors' released scores, Mistral-7B-Instruct-v0.3)")] == "74.9"
+    assert rows3["LiSSA (authors' recursion)"][2:4] == ["100.0", DASH]
     header2, _ = _table(report, "## Table 2")
     assert not any("Mixed (large)" in h for h in header2)
     assert "Table 2 are not shown" in report
@@ -225,16 +237,25 @@ def test_showcases_section_and_write_report(tmp_path):
 
 # --------------------------------------------------------------------------- paper numbers
 
-def test_paper_numbers_table_4_and_empty_tables():
+def test_paper_numbers_table_4_and_released_scores():
     assert paper_value(4, "datainf", "backdoor-1") == (94.0, 60.9)
-    assert paper_value(4, "lissa", "backdoor-5") == (16.3, 16.6)
+    # the paper's LiSSA is the authors' recursion: keyed lissa-paper, not the solver lissa
+    assert paper_value(4, "lissa-paper", "backdoor-5") == (16.3, 16.6)
+    assert paper_value(4, "lissa", "backdoor-5") is None
+    assert PAPER_TABLES[4].results[0].model == "Llama-2-7b-chat"
     assert paper_value(4, "gradsim", "backdoor-3") == (37.0, 35.3)
     assert paper_value(4, "repsim", "backdoor-5") == (90.3, 40.5)
     assert paper_value(4, "exact", "backdoor-1") is None
+    # Tables 2-3: no published number, only the authors' released scores (never paper_value)
     assert paper_value(2, "datainf", "mixed-small") is None
     for number in (2, 3):
-        assert PAPER_TABLES[number].results == ()
+        assert all(res.kind == "released-scores" and res.rank_by == "score" for res in PAPER_TABLES[number].results)
         assert "could not be read" in PAPER_TABLES[number].note
+    llama = {res.model: res for res in PAPER_TABLES[2].results}["Llama-2-7b-chat"]
+    assert llama.values["datainf"]["mixed-small"] == (90.0, 61.4)
+    mistral = {res.model: res for res in PAPER_TABLES[3].results}["Mistral-7B-Instruct-v0.3"]
+    assert mistral.values["gradsim"]["math"] == (94.0, 74.9) and "lissa-paper" not in mistral.values
+    assert "grammars" not in str(PAPER_TABLES[3].results)  # the released grammars data are v2: grammars-rule
     assert paper_table_for_task("harmfulcheck").number == 3
     assert paper_table_for_task("emotion") is None
     # every recorded number is a percentage

@@ -66,7 +66,7 @@ from .methods import SCORE_CONVENTION, Method, Scoring, get_method_class, implem
 from .progress import log
 from .rundir import RunDir
 
-DEFAULT_METHODS = ("datainf", "lissa", "gradsim", "repsim", "exact")
+DEFAULT_METHODS = ("datainf", "lissa-paper", "lissa", "gradsim", "repsim", "exact")
 #: 2: scores stored as float64 (format 1 stored float32, which created ties); old files still read
 SCORES_FORMAT = 2
 

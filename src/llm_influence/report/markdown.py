@@ -46,13 +46,15 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from ..io_utils import atomic_path
-from .paper_numbers import PAPER_ARXIV, PAPER_METHODS, PAPER_TABLES, PAPER_TITLE, PaperTable
+from .paper_numbers import (OTHER_TASK_REFERENCES, PAPER_ARXIV, PAPER_METHODS, PAPER_TABLES, PAPER_TITLE,
+                            PaperTable)
 
 DASH = "–"
 
 METHOD_LABELS: dict[str, str] = {
     "datainf": "DataInf",
     "lissa": "LiSSA",
+    "lissa-paper": "LiSSA (authors' recursion)",
     "gradsim": "GradSim",
     "repsim": "RepSim",
     "exact": "Exact",
@@ -253,17 +255,20 @@ def _bold_best(cells: list[str], values: list[Optional[float]],
     return [f"**{c}**" if bold(s, ci) else c for c, s, ci in zip(cells, shown, intervals)]
 
 
-def _paper_label(table: PaperTable, index: int) -> str:
-    if len(table.results) == 1:
-        return "paper"
-    model = table.results[index].model
-    return f"paper, {model}" if model else f"paper #{index + 1}"
+def _reference_columns(paper: Optional[PaperTable], rank_by: str) -> list:
+    """The reference results of ``paper`` that may stand beside our numbers ranked by
+    ``rank_by``: those computed with the same ranking, or with an unstated one."""
+    if paper is None:
+        return []
+    return [res for res in paper.results if res.rank_by in (None, rank_by)]
 
 
 def render_results_table(results: Mapping[str, Any], tasks: Sequence[str],
                          paper: Optional[PaperTable] = None) -> Optional[str]:
-    """The Acc/Cover table for ``tasks`` (those present in ``results``), with the paper's
-    numbers of ``paper`` side by side; ``None`` when none of ``tasks`` is present.
+    """The Acc/Cover table for ``tasks`` (those present in ``results``), with the reference
+    numbers of ``paper`` side by side (each labelled by :attr:`PaperResults.label`; only
+    for tasks where it has a value, and only those computed with ``results``'s ranking or
+    an unstated one); ``None`` when none of ``tasks`` is present.
 
     See the module docstring for the layout, the bold rule and the ``–`` rule."""
     all_tasks = _tasks(results)
@@ -271,7 +276,7 @@ def render_results_table(results: Mapping[str, Any], tasks: Sequence[str],
     if not present:
         return None
     methods = method_order(m for t in present for m in _methods(all_tasks[t]))
-    paper_results = paper.results if paper is not None else ()
+    paper_results = _reference_columns(paper, str(results.get("rank_by") or "score"))
 
     header = ["Method"]
     columns: list[list[str]] = []
@@ -284,8 +289,10 @@ def render_results_table(results: Mapping[str, Any], tasks: Sequence[str],
             header.append(f"{label} {name}")
             columns.append(_bold_best([format_with_interval(v, ci) for v, ci in zip(values, intervals)],
                                       values, intervals))
-            for index, res in enumerate(paper_results):
-                header.append(f"{label} {name} ({_paper_label(paper, index)})")
+            for res in paper_results:
+                if not any(task in per_task for per_task in res.values.values()):
+                    continue
+                header.append(f"{label} {name} ({md_escape(res.label)})")
                 cells = []
                 for m in methods:
                     cell = res.values.get(m, {}).get(task)
@@ -315,7 +322,7 @@ def other_ranking_view(results: Mapping[str, Any]) -> Optional[tuple[str, dict[s
             tasks[name] = {"methods": methods}
     if not tasks:
         return None
-    return str(rank_by), {**results, "tasks": tasks}
+    return str(rank_by), {**results, "tasks": tasks, "rank_by": str(rank_by)}
 
 
 def render_seed_table(results: Mapping[str, Any]) -> Optional[str]:
@@ -345,14 +352,20 @@ def render_seed_table(results: Mapping[str, Any]) -> Optional[str]:
 
 
 def _paper_note(table: PaperTable) -> str:
-    if not table.results:
-        return (f"The paper's numbers for its Table {table.number} are not shown: {table.note}.")
     parts = []
+    if not any(res.kind == "published" for res in table.results):
+        parts.append(f"The paper's published numbers for its Table {table.number} are not shown: {table.note}.")
     for res in table.results:
         model = res.model if res.model else "not stated in the source"
-        check = "checked against the source" if res.verified else "not re-checked against the paper's text"
-        parts.append(f"Paper columns: {res.source}; model: {model}; {check}")
-    return "; ".join(parts) + "."
+        if res.kind == "released-scores":
+            parts.append(f"Columns \"{md_escape(res.label)}\": {md_escape(res.source)}; {res.note}; "
+                         "shown only beside the same ranking (−IF).")
+        else:
+            check = "checked against the source" if res.verified else "not re-checked against the paper's text"
+            parts.append(f"Paper columns: {res.source}; model: {model}; {check}.")
+    parts.append("The paper's LiSSA is the authors' recursion, set beside our `lissa-paper`; "
+                 "our `lissa` is the converged solver of the same damped system.")
+    return " ".join(parts)
 
 
 # --------------------------------------------------------------------------- other sections
@@ -565,8 +578,9 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str], *,
         sections.append(f"## Table {number}: {table.title}\n\n{body}\n\n{_paper_note(table)}")
     others = [t for t in tasks if t not in in_tables]
     if others:
-        body = render_results_table(results, others, None)
-        sections.append(f"## Other tasks\n\nTasks outside the paper's Tables 2–4; no paper numbers.\n\n{body}")
+        body = render_results_table(results, others, OTHER_TASK_REFERENCES)
+        sections.append(f"## Other tasks\n\nTasks outside the paper's Tables 2–4; no published numbers "
+                        f"(the authors' released scores where they exist).\n\n{body}")
     view = other_ranking_view(results)
     if view is not None:
         second, shadow = view
@@ -574,14 +588,15 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str], *,
         parts = [f"## The same tables, ranked by {RANKING_LABELS.get(second, md_escape(second))}\n\n"
                  f"The tables above rank training examples by {RANKING_LABELS.get(first, md_escape(first))}; "
                  "here the same scores are ranked the other way, with the same tie rule, intervals and bold rule. "
-                 "The paper's columns are repeated for reference."]
+                 "The paper's published columns (their ranking is not stated) are repeated for reference; the "
+                 "authors' released scores, computed with −IF, are not."]
         for number in TABLE_ORDER:
             table = PAPER_TABLES[number]
             body = render_results_table(shadow, table.tasks, table)
             if body is not None:
                 parts.append(f"### Table {number}: {table.title} (ranked by {md_escape(second)})\n\n{body}")
         if others:
-            body = render_results_table(shadow, others, None)
+            body = render_results_table(shadow, others, OTHER_TASK_REFERENCES)
             if body is not None:
                 parts.append(f"### Other tasks (ranked by {md_escape(second)})\n\n{body}")
         sections.append("\n\n".join(parts))
