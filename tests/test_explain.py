@@ -194,6 +194,31 @@ def test_tied_scores_share_their_rank_in_every_output(tmp_path):
     assert text.count("Ties: ") == 1 and f"Ties: {TIE_NOTE}." in " ".join(text.split())
 
 
+def test_abs_ranking_lists_by_magnitude_and_keeps_the_sign():
+    train = [Example(f"t{j}", f"prompt {j}", f"response {j}", "ab"[j % 2]) for j in range(4)]
+    scores = torch.tensor([[0.5, -3.0, 2.0, -0.1]], dtype=torch.float64)
+    (by_score,) = top_influencers(scores, train, top=4)
+    (by_abs,) = top_influencers(scores, train, top=4, rank_by="abs")
+    assert [x.id for x in by_score] == ["t2", "t0", "t3", "t1"]
+    assert [x.id for x in by_abs] == ["t1", "t2", "t0", "t3"]   # |IF|: 3.0, 2.0, 0.5, 0.1
+    assert [x.score for x in by_abs] == [-3.0, 2.0, 0.5, -0.1]
+
+
+def test_cli_rank_by_abs_equals_rank_training_abs_with_lissa_paper(run, tmp_path, capsys):
+    task = RunDir(run).load_task()
+    query = task.test[0]
+    common = ["explain", "--run", str(run), "--prompt", query.prompt, "--response", query.response,
+              "--methods", "lissa-paper", "--top-k", "5", "--cache-dir", str(tmp_path / "cache"), "--quiet", "--json"]
+    assert main(common + ["--rank-by", "abs"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["rank_by"] == "abs"
+    query_run = Path(data["query_run"])
+    scores, meta = read_scores(next((query_run / "scores").glob("*/lissa-paper.safetensors")))
+    order = rank_training(scores, "abs")[0, :5].tolist()
+    assert [x["id"] for x in data["queries"][0]["top"]["lissa-paper"]] == [meta["train_ids"][j] for j in order]
+    assert main(common + ["--rank-by", "nonsense"]) == 2
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"response": "x"}', "queries.jsonl:1: field 'prompt'"),
     ('{"prompt": "p", "response": 3}', "queries.jsonl:1: field 'response'"),

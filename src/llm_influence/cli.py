@@ -310,6 +310,44 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backdoor(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluation.backdoor import backdoor_task_of, result_entry, run_backdoor_check, verdict
+    from .progress import log
+    from .rundir import RunDir
+
+    if ns.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {ns.max_new_tokens}: must be at least 1")
+    run = RunDir(ns.run)
+    backdoor_task_of(run)  # a non-backdoor task is a one-line error before anything is loaded
+    checkpoints = run.resolve_checkpoints(ns.checkpoint)
+    records = [run_backdoor_check(ns.run, c, data_dir=ns.data_dir, max_new_tokens=ns.max_new_tokens,
+                                  force=ns.force, trust_remote_code=ns.trust_remote_code) for c in checkpoints]
+    task = records[0]["task"]
+    if ns.json:
+        print(json.dumps({"run": str(run.path), "task": task,
+                          "checkpoints": [{**result_entry(r, relative_to=run.path), "reused": r["reused"]}
+                                          for r in records]}, indent=2))
+    else:
+        console = Console()
+        for r in records:
+            table = Table(title=f"{task} {r['checkpoint']}: compliance on held-out prompts "
+                                f"(greedy, {r['max_new_tokens']} new tokens)")
+            for col in ("group", "response prefix", "prompts", "compliance", "with prefix", "degenerate"):
+                table.add_column(col, justify="left" if col in ("group", "response prefix") else "right")
+            for group, g in r["per_group"].items():
+                table.add_row(group, repr(g["prefix"]) if g["prefix"] else "-", str(g["n"]), f"{g['compliance']:.2f}",
+                              "-" if g["prefix_share"] is None else f"{g['prefix_share']:.2f}",
+                              f"{g['degenerate_share']:.2f}")
+            console.print(table)
+            print(verdict(f"{task} ({r['checkpoint']})", r))
+    log(f"generations in {run.path / 'backdoor'}/ ("
+        + ", ".join(f"{r['checkpoint']} {'reused' if r['reused'] else 'generated'}" for r in records) + ")")
+    return 0
+
+
 def _add_scale_flags(p: argparse.ArgumentParser) -> None:
     """Feature-extraction flags shared by attribute and reproduce (dtype, chunks, projection)."""
     g = p.add_argument_group("feature extraction: batch, precision, chunks, projection")
@@ -439,7 +477,7 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     from .explain import DEFAULT_EXPLAIN_METHODS
 
     methods = tuple(_method_names(ns, DEFAULT_EXPLAIN_METHODS))
-    options = {"methods": methods, "method_args": _method_args(ns, methods), "top_k": ns.top_k,
+    options = {"methods": methods, "method_args": _method_args(ns, methods), "top_k": ns.top_k, "rank_by": ns.rank_by,
                "max_new_tokens": ns.max_new_tokens, "extract_batch_size": ns.extract_batch_size,
                "cache_dir": Path(ns.cache_dir) if ns.cache_dir else None,
                "trust_remote_code": ns.trust_remote_code}
@@ -480,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser; methods registered by plugins (loaded before it is built) are included."""
     from .attribute import DEFAULT_METHODS
     from .data.commands import add_data_parser
+    from .evaluation.backdoor import DEFAULT_MAX_NEW_TOKENS as BACKDOOR_MAX_NEW_TOKENS
     from .explain import DEFAULT_EXPLAIN_METHODS
     from .reproduce import DEFAULT_BENCHMARK_METHODS
     from .studies import study_descriptions
@@ -512,6 +551,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (default 128)")
     _add_trust_remote_code(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("backdoor", help="is a backdoor task's backdoor installed? compliance of greedy generations "
+                                        "on the run's held-out triggered and clean prompts")
+    _add_common(p, data=True)
+    p.add_argument("--run", required=True, help="a fine-tuned run directory of a backdoor task")
+    p.add_argument("--checkpoint", default="last", help="epoch-N, last (default) or all")
+    p.add_argument("--max-new-tokens", type=int, default=BACKDOOR_MAX_NEW_TOKENS,
+                   help=f"greedy new tokens per prompt (default {BACKDOOR_MAX_NEW_TOKENS}; part of the cache key)")
+    p.add_argument("--force", action="store_true",
+                   help="generate again even when RUN/backdoor/epoch-N.json holds this adapter's generations")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_trust_remote_code(p)
+    p.set_defaults(func=cmd_backdoor)
 
     p = sub.add_parser("attribute", help="score every training example for every test example")
     _add_common(p, plugins=True)
@@ -565,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-new-tokens", type=int, default=128, help="for generated responses (default 128)")
     _add_method_flags(p, DEFAULT_EXPLAIN_METHODS, ",".join(DEFAULT_EXPLAIN_METHODS))
     p.add_argument("--top-k", type=int, default=10, help="training examples listed per query and method (default 10)")
+    _add_rank_by(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--csv", help="write one row per (query, method, rank) to this CSV file")

@@ -44,7 +44,7 @@ from .config import TrainArgs
 from .data.example import Example
 from .data.jsonl import iter_json_objects, read_examples, string_field, unique_id
 from .errors import UserError
-from .evaluation.metrics import rank_training, tie_ranks
+from .evaluation.metrics import RANK_BY_CHOICES, rank_training, tie_ranks
 from .features import store as feature_store
 from .io_utils import atomic_path, publish_dir
 from .models.lora import LoraSpec
@@ -86,6 +86,7 @@ class ExplainArgs:
     methods: tuple[str, ...] = DEFAULT_EXPLAIN_METHODS
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     top_k: int = 10
+    rank_by: str = "score"
     max_length: int = 256
     loss_on: str = "response"
     max_new_tokens: int = 128
@@ -125,6 +126,7 @@ class ExplainResult:
     query_run: Path
     seconds: float
     train_features_reused: bool
+    rank_by: str = "score"
 
 
 def read_queries(path: str | Path) -> list[Query]:
@@ -163,6 +165,8 @@ def _validate(args: ExplainArgs, queries: Sequence[Query]) -> None:
             raise UserError(f"--methods {name}: needs the fine-tuning history; use `attribute` on the run instead")
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.rank_by not in RANK_BY_CHOICES:
+        raise UserError(f"--rank-by must be one of {', '.join(RANK_BY_CHOICES)}, got {args.rank_by!r}")
     if args.max_length < 8:
         raise UserError(f"--max-length must be at least 8, got {args.max_length}")
     if args.loss_on not in ("response", "all"):
@@ -286,19 +290,22 @@ def explain(queries: Sequence[Query], args: ExplainArgs) -> ExplainResult:
             scores, meta = read_scores(run.scores_dir(CHECKPOINT) / f"{method}.safetensors")
             if meta.get("train_ids") != [ex.id for ex in train] or len(meta.get("test_ids", [])) != len(queries):
                 raise RuntimeError(f"{method}: scores do not match the query run's examples")
-            for i, rows in enumerate(top_influencers(scores, train, args.top_k)):
+            for i, rows in enumerate(top_influencers(scores, train, args.top_k, rank_by=args.rank_by)):
                 tops[i][method] = rows
     explanations = [Explanation(q, g, t) for q, g, t in zip(queries, generated, tops)]
-    return ExplainResult(explanations, folder, time.time() - t0, reused)
+    return ExplainResult(explanations, folder, time.time() - t0, reused, args.rank_by)
 
 
-def top_influencers(scores: Any, train: Sequence[Example], top: int) -> list[list[Influencer]]:
+def top_influencers(scores: Any, train: Sequence[Example], top: int,
+                    rank_by: str = "score") -> list[list[Influencer]]:
     """Per row of ``scores`` (``[n_queries, n_train]``, higher = more helpful), the top
     ``top`` training examples in :func:`~llm_influence.evaluation.metrics.rank_training`'s
-    order, each with its shared rank and tie mark (see the module docstring)."""
+    order under ``rank_by`` (``"score"``: descending score, −IF; ``"abs"``: descending
+    ``|score|``, the paper's |IF|), each with its shared rank and tie mark (see the module
+    docstring). ``score`` keeps its sign under either ranking."""
     k = min(top, len(train))
-    order = np.asarray(rank_training(scores))
-    ranks = tie_ranks(scores)
+    order = np.asarray(rank_training(scores, rank_by))
+    ranks = tie_ranks(scores, rank_by)
     tied = np.zeros(ranks.shape, dtype=bool)          # a neighbour in the order shares the rank
     same = ranks[:, 1:] == ranks[:, :-1]
     tied[:, 1:] |= same
@@ -326,6 +333,7 @@ def to_json(result: ExplainResult) -> dict[str, Any]:
     return {
         "query_run": str(result.query_run),
         "ties": TIE_NOTE,
+        "rank_by": result.rank_by,
         "seconds": result.seconds,
         "train_features_reused": result.train_features_reused,
         "queries": [{"id": e.query.id, "prompt": e.query.prompt, "response": e.query.response,
