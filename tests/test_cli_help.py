@@ -65,7 +65,7 @@ def test_one_flag_one_meaning():
 
 def test_data_dir_exactly_where_data_are_read():
     with_data = {name for name, sub in COMMANDS.items() if "--data-dir" in _options(sub)}
-    assert with_data == {"tasks", "finetune", "reproduce", "study", "data verify"}
+    assert with_data == {"tasks", "finetune", "reproduce", "study", "data verify", "backdoor"}
 
 
 def test_plugin_exactly_where_methods_or_studies_are_chosen():

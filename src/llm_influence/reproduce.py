@@ -4,7 +4,10 @@ Each task gets its own run directory ``DIR/runs/TASK``; every stage skips work t
 already complete (fine-tuning resumes, features and scores are reused when their inputs
 are unchanged), so an interrupted ``reproduce`` picks up where it stopped. Results are
 written after every task: ``DIR/results.json`` (every number) and ``DIR/report.md``
-(the paper's Tables 2-4 with the published numbers beside ours, and Figs. 1-2).
+(the paper's Tables 2-4 with the published numbers beside ours, and Figs. 1-2). A backdoor
+task's entry also says whether its backdoor is installed: greedy generation on the held-out
+triggered and clean prompts of the final checkpoint (:mod:`.evaluation.backdoor`; the
+generations stay in ``RUN/backdoor/epoch-N.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from . import distributed
 from .attribute import DEFAULT_METHODS, AttributeArgs, attribute, read_scores
 from .config import get_profile, load_profile_task
 from .errors import UserError
+from .evaluation.backdoor import is_backdoor_task, result_entry, run_backdoor_check, verdict
 from .evaluation.run_metrics import evaluate_run
 from .evaluation.uncertainty import seed_summary
 from .io_utils import write_json, write_text
@@ -90,6 +94,7 @@ def run_task(task_name: str, profile_name: str, out_dir: Path, *, methods: Seque
         return {}
     metrics = evaluate_run(run_path, rank_by=rank_by)
     checkpoint = run.resolve_checkpoints("last")[0]
+    backdoor = backdoor_entry(run, checkpoint, data_dir) if is_backdoor_task(task) else None
     per_method = metrics["checkpoints"][checkpoint]
     epochs = _epoch_rows(run)
     feature_seconds = max((m.get("feature_seconds") or 0.0) for m in per_method.values())
@@ -105,22 +110,42 @@ def run_task(task_name: str, profile_name: str, out_dir: Path, *, methods: Seque
         "methods": {name: {k: m[k] for k in METHOD_RESULT_KEYS if k in m}
                     for name, m in per_method.items() if name in methods},
         "run_dir": str(run_path), "stage_seconds": time.time() - t0,
+        **({"backdoor": backdoor} if backdoor is not None else {}),
     }
 
 
+def backdoor_entry(run: RunDir, checkpoint: str, data_dir: Optional[str]) -> dict[str, Any]:
+    """The ``"backdoor"`` entry of a backdoor task's results (:mod:`.evaluation.backdoor`):
+    compliance of the trigger groups and the clean group on the run's held-out test prompts
+    at ``checkpoint``, greedy generations cached in ``RUN/backdoor/CHECKPOINT.json``."""
+    record = run_backdoor_check(run.path, checkpoint, data_dir=data_dir)
+    log(verdict(run.load_task().name, record))
+    return result_entry(record, relative_to=run.path)
+
+
+#: what results.json keeps of each seed's entry in a task's ``seeds`` list
+SEED_RESULT_KEYS = ("seed", "run_dir", "epochs", "val_loss", "methods", "backdoor")
 #: what results.json keeps of each method's metrics.json entry
 METHOD_RESULT_KEYS = ("acc", "acc_ci95", "cover", "cover_ci95", "ties", "seconds", "n_scored", "n_skipped",
                       "diagnostics", "other_ranking")
 
 
 def across_seeds(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``{method: {"acc": seed_summary, "cover": seed_summary}, "seeds": [...]}`` of one
-    task's per-seed entries (:func:`run_task`), for the methods every seed has."""
+    """``{"seeds": [...], "methods": {method: {"acc": seed_summary, "cover": seed_summary}}}``
+    of one task's per-seed entries (:func:`run_task`), for the methods every seed has; with
+    ``"backdoor": {"triggered_compliance": seed_summary, "clean_compliance": seed_summary,
+    "fires": [bool per seed]}`` when every seed has a backdoor check."""
     methods = [m for m in entries[0]["methods"] if all(m in e["methods"] for e in entries)]
     out: dict[str, Any] = {"seeds": [e["seed"] for e in entries], "methods": {}}
     for name in methods:
         out["methods"][name] = {metric: seed_summary([e["methods"][name][metric] for e in entries])
                                 for metric in ("acc", "cover")}
+    checks = [e.get("backdoor") for e in entries]
+    if all(isinstance(c, dict) for c in checks):
+        out["backdoor"] = {key: seed_summary([c[key] for c in checks])
+                           for key in ("triggered_compliance", "clean_compliance")
+                           if all(c.get(key) is not None for c in checks)}
+        out["backdoor"]["fires"] = [bool(c.get("fires")) for c in checks]
     return out
 
 
@@ -248,8 +273,7 @@ def reproduce(profile_name: str, out_dir: str | Path, *, tasks: Optional[Sequenc
         if world.rank == 0:
             per_seed.setdefault(name, []).append(entry)
             first = dict(per_seed[name][0])
-            first["seeds"] = [{k: e[k] for k in ("seed", "run_dir", "epochs", "val_loss", "methods")}
-                              for e in per_seed[name]]
+            first["seeds"] = [{k: e[k] for k in SEED_RESULT_KEYS if k in e} for e in per_seed[name]]
             first["across_seeds"] = across_seeds(per_seed[name])
             results["tasks"][name] = first
             results["wall_seconds"] = time.time() - t0

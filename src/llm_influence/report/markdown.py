@@ -13,6 +13,7 @@ Results schema (keys this module reads; others are ignored)::
                       "train_loss": [...per epoch...], "val_loss": [...],
                       "finetune_seconds": 300.1, "checkpoint": "epoch-6",
                       "feature_seconds": 12.3, "error": "...optional...",
+                      "backdoor": {...backdoor tasks: evaluation.backdoor.result_entry...},
                       "methods": {METHOD: {"acc": 0.9, "cover": 0.6, "seconds": 0.5,
                                            "n_scored": 40, "n_skipped": 0,
                                            "diagnostics": {"residual_max": 1.2,
@@ -427,6 +428,64 @@ def render_run_facts(results: Mapping[str, Any], task_order: Sequence[str]) -> s
     return out
 
 
+def _share(value: Any) -> str:
+    number = _number(value)
+    return DASH if number is None or math.isinf(number) else f"{number:.2f}"
+
+
+def render_backdoor(results: Mapping[str, Any], task_order: Sequence[str]) -> Optional[str]:
+    """Per backdoor task (an entry with a ``"backdoor"`` check, :mod:`..evaluation.backdoor`):
+    each trigger group's compliance with its response prefix, the weakest trigger, the clean
+    compliance, whether the backdoor fires, the checkpoint and epochs trained; then one
+    sentence per task (:func:`~llm_influence.evaluation.backdoor.verdict`: fires, or by how
+    much it misses) and, for tasks run with several seeds, the spread over seeds. Shares of
+    held-out prompts in ``[0, 1]`` with two decimals. ``None`` when no task has a check."""
+    from ..evaluation.backdoor import FIRES_CLEAN, FIRES_TRIGGERED, trigger_groups_text, verdict
+
+    tasks = _tasks(results)
+    checked = [t for t in task_order if isinstance(tasks[t].get("backdoor"), Mapping)]
+    if not checked:
+        return None
+    header = ["Task", "Checkpoint (epochs trained)", "Trigger groups: compliance (response prefix)",
+              "Weakest trigger", "Clean", "Fires"]
+    rows, sentences, spreads = [], [], []
+    t_min, c_max = FIRES_TRIGGERED, FIRES_CLEAN
+    for name in checked:
+        check = tasks[name]["backdoor"]
+        thresholds = check.get("thresholds") or {}
+        t_min = thresholds.get("triggered_at_least", t_min)
+        c_max = thresholds.get("clean_at_most", c_max)
+        cells = md_escape(trigger_groups_text(check))
+        rows.append([md_escape(name), f"{md_escape(check.get('checkpoint') or DASH)} ({_count(check.get('epochs'))})",
+                     cells or DASH, _share(check.get("triggered_compliance")), _share(check.get("clean_compliance")),
+                     _yes_no(check.get("fires"))])
+        sentences.append(md_escape(verdict(name, check)))
+        spread = (tasks[name].get("across_seeds") or {}).get("backdoor")
+        seeds = (tasks[name].get("across_seeds") or {}).get("seeds") or []
+        if isinstance(spread, Mapping) and len(seeds) > 1:
+            parts = []
+            for key, label in (("triggered_compliance", "weakest trigger"), ("clean_compliance", "clean")):
+                summary = spread.get(key)
+                if isinstance(summary, Mapping) and _number(summary.get("mean")) is not None:
+                    std = _number(summary.get("std"))
+                    parts.append(f"{label} {_share(summary['mean'])}" + (f" ± {std:.2f}" if std is not None else ""))
+            fires = spread.get("fires") or []
+            parts.append(f"fires in {sum(bool(f) for f in fires)} of {len(fires)} seeds")
+            spreads.append(f"- {md_escape(name)} over {len(seeds)} seeds (mean ± sample std): " + ", ".join(parts))
+    out = ("Attribution can find a trigger's training rows only if the fine-tune learned the trigger. Greedy "
+           "generation on the run's held-out prompts (its test split, never trained on) at the checkpoint "
+           "attributed: a triggered prompt *complies* when its generation starts with the trigger's response "
+           "prefix (read from the training responses) or contains no refusal string, a clean prompt when it "
+           "contains no refusal string (degenerate text never complies). The backdoor *fires* when every trigger "
+           f"complies on at least {float(t_min):g} of its prompts and clean prompts on at most {float(c_max):g}. "
+           "Shares of held-out prompts; generations in RUN/backdoor/epoch-N.json.\n\n")
+    out += markdown_table(header, rows, ["l", "l", "l", "r", "r", "l"])
+    out += "\n\n" + "\n".join(f"- {s}" for s in sentences)
+    if spreads:
+        out += "\n\n" + "\n".join(spreads)
+    return out
+
+
 def render_method_times(results: Mapping[str, Any], task_order: Sequence[str]) -> str:
     """Seconds per method (rows) and task (columns), and the test examples each method
     could not score (no relevant training example) or failed on."""
@@ -610,6 +669,9 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str], *,
                         + (f"Tasks with a single seed: {', '.join(md_escape(task_label(t)) for t in single)}.\n\n"
                            if single else "\n\n") + seed_table)
     order = in_tables + others
+    backdoor = render_backdoor(results, order)
+    if backdoor is not None:
+        sections.append("## Is the backdoor installed?\n\n" + backdoor)
     if order:
         sections.append("## Run facts\n\n" + render_run_facts(results, order))
         sections.append("## Method run times\n\n" + render_method_times(results, order))
