@@ -3,12 +3,13 @@ or inspected on its own.
 
 ```
 RUN/config.json                 every argument of every stage, plus versions
-RUN/data/{train,test}.jsonl     the exact examples used (after profile subsampling)
+RUN/data/{train,test,val}.jsonl the exact examples used (after profile subsampling); val = validation only
 RUN/checkpoints/epoch-N/        peft adapter (safetensors) + trainer state for resuming
 RUN/train_log.jsonl             per step and per epoch: train loss, validation loss
 RUN/features/epoch-N/           per-example gradients per LoRA block, representations
 RUN/scores/epoch-N/METHOD.safetensors
 RUN/metrics.json
+RUN/backdoor/epoch-N.json       backdoor tasks: greedy generations on the test prompts and their compliance
 ```
 """
 
