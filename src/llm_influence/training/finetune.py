@@ -254,6 +254,47 @@ def _grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.T
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
+def train_step(model, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], batch: dict, *,
+               lr: float, max_grad_norm: float, autocast: str, device: torch.device, where: str,
+               ids: Sequence[str]) -> float:
+    """One optimiser step of fine-tuning on ``batch`` (a :func:`collate` of the rows ``ids``).
+
+    Sets every parameter group's learning rate to ``lr``, runs the forward pass (under
+    bfloat16 autocast when ``autocast == "bf16"``), takes the mean over the batch of each
+    example's mean token loss (:func:`per_example_loss`), back-propagates, clips the total
+    gradient norm to ``max_grad_norm`` (when > 0) and steps ``optimizer``. Dropout draws
+    from the global torch RNG, so the same RNG state, weights, optimizer state and batch
+    give the same step bitwise. Returns the batch loss (nats per token, Python float).
+    A non-finite loss or gradient norm, or an overflowing step, is a :class:`UserError`
+    that starts with ``where`` and names the offending example ``ids``.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        logits = model(**model_inputs(batch)).logits
+    losses = per_example_loss(logits, batch["labels"])
+    loss = losses.mean()
+    if not torch.isfinite(loss):
+        bad = [ids[i] for i in range(len(losses)) if not torch.isfinite(losses[i])]
+        raise UserError(f"{where}: non-finite training loss for example(s) {_ids(bad)}; "
+                        "lower --lr (in a new --out directory)")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = _grad_norm(params, max_grad_norm)
+    if not torch.isfinite(norm):
+        raise UserError(f"{where}: non-finite gradient (norm {float(norm)}) for the batch of example(s) "
+                        f"{_ids(list(ids))}; lower --lr (in a new --out directory)")
+    try:
+        optimizer.step()
+    except RuntimeError as exc:  # e.g. "value cannot be converted to type float without overflow"
+        if "overflow" not in str(exc):
+            raise
+        raise UserError(f"{where}: the optimizer step overflowed ({str(exc).splitlines()[0]}) at "
+                        f"lr {optimizer.param_groups[0]['lr']:g}; lower --lr (in a new --out "
+                        "directory)") from None
+    return loss.item()
+
+
 def finetune(
     run_path: str | Path,
     task: TaskData,
@@ -373,34 +414,12 @@ def _finetune_locked(run: RunDir, task: TaskData, wanted: dict, finetune_cfg: di
             for b in range(steps_per_epoch):
                 rows = order[b * args.batch_size:(b + 1) * args.batch_size]
                 batch = collate([train_enc[i] for i in rows], pad_id)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, args)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=effective_autocast == "bf16"):
-                    logits = model(**model_inputs(batch)).logits
-                losses = per_example_loss(logits, batch["labels"])
-                loss = losses.mean()
-                where = f"fine-tuning, epoch {epoch} step {step + 1}"
-                if not torch.isfinite(loss):
-                    bad = [task.train[rows[i]].id for i in range(len(losses)) if not torch.isfinite(losses[i])]
-                    raise UserError(f"{where}: non-finite training loss for example(s) {_ids(bad)}; "
-                                    "lower --lr (in a new --out directory)")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = _grad_norm(params, args.max_grad_norm)
-                if not torch.isfinite(norm):
-                    raise UserError(f"{where}: non-finite gradient (norm {float(norm)}) for the batch of example(s) "
-                                    f"{_ids([task.train[i].id for i in rows])}; lower --lr (in a new --out directory)")
-                try:
-                    optimizer.step()
-                except RuntimeError as exc:  # e.g. "value cannot be converted to type float without overflow"
-                    if "overflow" not in str(exc):
-                        raise
-                    raise UserError(f"{where}: the optimizer step overflowed ({str(exc).splitlines()[0]}) at "
-                                    f"lr {optimizer.param_groups[0]['lr']:g}; lower --lr (in a new --out "
-                                    "directory)") from None
+                epoch_losses.append(train_step(
+                    model, optimizer, params, batch, lr=lr_at(step, total_steps, args),
+                    max_grad_norm=args.max_grad_norm, autocast=effective_autocast, device=device,
+                    where=f"fine-tuning, epoch {epoch} step {step + 1}", ids=[task.train[i].id for i in rows]))
                 step += 1
                 steps_this_call += 1
-                epoch_losses.append(loss.item())
                 append_jsonl(run.train_log, {"kind": "step", "epoch": epoch, "step": step, "loss": epoch_losses[-1],
                                              "lr": optimizer.param_groups[0]["lr"]})
                 advance(info=f"loss {epoch_losses[-1]:.3f}")
