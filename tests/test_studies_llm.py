@@ -21,8 +21,8 @@ import torch
 
 from llm_influence.evaluation import asr_summary, is_degenerate, is_jailbroken, load_refusal_strings
 from llm_influence.studies import available_studies, run_study
-from llm_influence.studies.parameter_change import (LoraDelta, delta_distance, distance_matrix, heldout_prompts,
-                                                    lora_factors, lora_scaling, score_generations)
+from llm_influence.studies.parameter_change import (LoraDelta, contrast_verdict, delta_distance, distance_matrix,
+                                                    heldout_prompts, lora_factors, lora_scaling, score_generations)
 from llm_influence.studies.trainable_params import layer_configs
 
 F64 = torch.float64
@@ -298,6 +298,64 @@ def test_parameter_change_asr_matches_is_jailbroken(smoke_out, data_dir):
     md = (out / "parameter-change.md").read_text()
     assert "| ASR | degenerate % |" in md and "not counted as jailbroken" in md
     assert Path(data["alignment"]["model"], "merged_from.json").is_file()
+
+
+def test_parameter_change_pooled_asr_intervals_and_verdict(smoke_out, data_dir):
+    """Per model: ASR = jailbroken generations / n recounted from the stored generations, the
+    interval = the Wilson formula written out on those counts, the verdict recomputed from the
+    intervals and printed in the Markdown."""
+    out, _ = smoke_out
+    data = _record(out, "parameter-change")["data"]
+    refusals = load_refusal_strings(data_dir, "evaluate_py")
+    z = 1.959963984540054
+
+    def wilson(k, n):  # written out independently of the study's helper
+        p = k / n
+        c, h = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return [max(0.0, (c - h) / (1 + z * z / n)), min(1.0, (c + h) / (1 + z * z / n))]
+
+    chain = data["chains"]["aligned"]
+    for rec in (data["base"], chain["before"]):
+        k = sum(is_jailbroken(t, refusals) for t in rec["generations"])
+        assert rec["asr_ci95"] == pytest.approx(wilson(k, len(rec["generations"])), abs=1e-12)
+    md = (out / "parameter-change.md").read_text()
+    for variant, m in chain["models"].items():
+        texts = [t for s in m["seeds"] for t in s["generations"]]
+        k = sum(is_jailbroken(t, refusals) for t in texts)
+        assert len(texts) == m["counts"]["n"] == 3 * 4 and k == m["counts"]["n_jailbroken"]
+        assert m["asr_pooled"] == k / len(texts)
+        assert m["asr_ci95"] == pytest.approx(wilson(k, len(texts)), abs=1e-12)
+        assert f"[{m['asr_ci95'][0]:.3f}, {m['asr_ci95'][1]:.3f}]" in md
+        if k == 0:  # tiny-llama: by hand, [0, z^2 / (n + z^2)] = [0, 0.2425] for n = 12
+            assert m["asr_ci95"][1] == pytest.approx(z * z / (12 + z * z), rel=1e-12)
+    v = chain["verdict"]
+    assert {k: v[k] for k in v if k != "text"} == {k: val for k, val in contrast_verdict(
+        chain["before"], chain["models"]).items() if k != "text"}
+    assert v["benign_fluent"] == (chain["models"]["benign"]["degenerate_share_mean"] < 0.1)
+    assert v["text"] in md
+
+
+def test_parameter_change_fine_tunes_on_alpaca_and_mixed_small_harmful(smoke_out):
+    """The rows each fine-tune trained on (the run's own data/train.jsonl): B = Alpaca rows of
+    mixed-large with no leading blank line, H = mixed-small's harmful rows, M = B + H."""
+    out, _ = smoke_out
+    data = _record(out, "parameter-change")["data"]
+    seeds = {v: m["seeds"] for v, m in data["chains"]["aligned"]["models"].items()}
+    rows = {v: [json.loads(line) for line in Path(s[0]["run_dir"], "data", "train.jsonl").read_text().splitlines()]
+            for v, s in seeds.items()}
+    assert len(rows["benign"]) == len(rows["harmful"]) == 4 and len(rows["mixed"]) == 8
+    assert all(r["id"].startswith("mixed-large/") and r["group"] == "benign" for r in rows["benign"])
+    assert all(r["response"] and not r["response"][0].isspace() for r in rows["benign"])
+    assert all(r["id"].startswith("mixed-small/") and r["group"] == "harmful" for r in rows["harmful"])
+    assert sorted(r["id"] for r in rows["mixed"]) == sorted(r["id"] for r in rows["benign"] + rows["harmful"])
+    for v, s in seeds.items():  # every seed trains on the same rows
+        for rec in s[1:]:
+            other = [json.loads(line) for line in Path(rec["run_dir"], "data", "train.jsonl").read_text().splitlines()]
+            assert sorted(r["id"] for r in other) == sorted(r["id"] for r in rows[v])
+    facts = data["data"]
+    assert facts["benign_leading_blank"] == 0 and facts["mixed_small_benign_leading_blank"] == 18
+    assert facts["alpaca_rows"] == 240 and facts["alpaca_in_align_task"] == 101
+    assert data["finetune"] == {"epochs": 2, "lr": 1e-3, "batch_size": 4, "max_length": 64}
 
 
 def test_parameter_change_unaligned_chain(tmp_path, data_dir):
