@@ -15,13 +15,13 @@ registered by name (:func:`register_study`) and run with :func:`run_study`, whic
 | ``trainable-params`` | Fig. 8 | :mod:`.trainable_params` (Acc with LoRA on fewer layers / other depths) |
 | ``backdoor-learning`` | beyond the paper | :mod:`.backdoor_learning` (backdoor compliance and Acc at every checkpoint of backdoor-1) |
 | ``paper-gap`` | issue 14 | :mod:`.paper_gap` (one setting at a time toward the paper's: lissa-paper, abs ranking, loss on all, 128 tokens, 15 epochs, middle-layer RepSim) |
+| ``counterfactual`` | beyond the paper | :mod:`.counterfactual` (LDS with noise ceiling, leave-top-k-out and tail-patch beside Acc/Cover; retrains on subsets) |
 
 LLM studies register themselves the same way in their own modules, imported here.
 """
 
-from . import (approximation, backdoor_learning, convergence, lissa_iterations, model_size,  # noqa: F401
-               paper_gap, parameter_change, trainable_params)  # (registration)
-from . import counterfactual  # noqa: F401  (registration)
+from . import (approximation, backdoor_learning, convergence, counterfactual, lissa_iterations,  # noqa: F401
+               model_size, paper_gap, parameter_change, trainable_params)  # (registration)
 from .base import (PROFILES, StudyResult, StudySpec, available_studies, get_study, jsonable, markdown_table,
                    new_figure, register_study, resolve_options, run_study, save_figure, study_descriptions,
                    unregister_study)

@@ -48,7 +48,7 @@ from ..evaluation.backdoor import (DEFAULT_MAX_NEW_TOKENS, FIRES_CLEAN, FIRES_TR
 from ..progress import log
 from .base import (StudyResult, markdown_table, new_figure, register_study, resolve_options, save_figure,
                    with_interval)
-from .llm_runs import LLM_STUDY_DEFAULTS, epoch_log, method_spec, profile_task_run, score_checkpoint
+from .llm_runs import LLM_STUDY_DEFAULTS, epoch_log, method_spec, profile_task_run, run_tasks, score_checkpoint
 
 NAME = "backdoor-learning"
 TASKS = ("backdoor-1",)
@@ -276,10 +276,7 @@ def backdoor_learning_study(profile: str, out_dir: Path, data_dir: Optional[Path
     methods = list(opts["methods"])
     if not methods:
         raise UserError(f"study {NAME!r}: option methods is empty")
-    results = []
-    for task_name in opts["tasks"]:
-        log(f"{NAME}: {task_name}")
-        results.append(run_task(task_name, profile, out_dir, data_dir, opts))
+    results = run_tasks(NAME, opts["tasks"], lambda task_name: run_task(task_name, profile, out_dir, data_dir, opts))
     fig = _figure(results, methods, out_dir / f"{NAME}.png", profile)
     data = {
         "options": opts,

@@ -33,7 +33,7 @@ import numpy as np
 from ..progress import log
 from .base import (StudyResult, markdown_table, new_figure, register_study, resolve_options, save_figure,
                    with_interval)
-from .llm_runs import LLM_STUDY_DEFAULTS, epoch_log, method_spec, profile_task_run, score_checkpoint
+from .llm_runs import LLM_STUDY_DEFAULTS, epoch_log, method_spec, profile_task_run, run_tasks, score_checkpoint
 
 NAME = "convergence"
 TASKS = ("mixed-small", "grammars", "math", "backdoor-1")
@@ -153,10 +153,7 @@ def convergence_study(profile: str, out_dir: Path, data_dir: Optional[Path], opt
     """
     opts = resolve_options(NAME, options, _defaults(profile))
     methods = list(opts["methods"])
-    results = []
-    for task_name in opts["tasks"]:
-        log(f"{NAME}: {task_name}")
-        results.append(run_task(task_name, profile, out_dir, data_dir, opts))
+    results = run_tasks(NAME, opts["tasks"], lambda task_name: run_task(task_name, profile, out_dir, data_dir, opts))
     fig = _figure(results, methods, out_dir / f"{NAME}.png", profile)
     data = {
         "options": opts,

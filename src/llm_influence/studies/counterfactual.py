@@ -98,7 +98,7 @@ from ..training.log import read_train_log
 from ..training.retrain import LoraRetrainer, retrain_masks
 from .base import (StudyResult, fmt, markdown_table, new_figure, register_study, resolve_options, save_figure,
                    with_interval)
-from .llm_runs import LLM_STUDY_DEFAULTS, method_spec, profile_task_run
+from .llm_runs import LLM_STUDY_DEFAULTS, method_spec, profile_task_run, run_tasks
 
 NAME = "counterfactual"
 TASKS = ("mixed-small", "backdoor-1")
@@ -539,10 +539,7 @@ def counterfactual_study(profile: str, out_dir: Path, data_dir: Optional[Path], 
     """
     opts = resolve_options(NAME, options, _defaults(profile))
     _check_options(opts)
-    results = []
-    for task_name in opts["tasks"]:
-        log(f"{NAME}: {task_name}")
-        results.append(run_task(task_name, profile, out_dir, data_dir, opts))
+    results = run_tasks(NAME, opts["tasks"], lambda task_name: run_task(task_name, profile, out_dir, data_dir, opts))
     fig = _figure(results, out_dir / f"{NAME}.png", profile)
     data = {
         "options": opts,

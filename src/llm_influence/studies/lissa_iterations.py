@@ -35,10 +35,9 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import UserError
-from ..progress import log
 from .base import (StudyResult, markdown_table, new_figure, register_study, resolve_options, save_figure,
                    with_interval)
-from .llm_runs import LLM_STUDY_DEFAULTS, method_spec, profile_task_run, score_checkpoint
+from .llm_runs import LLM_STUDY_DEFAULTS, method_spec, profile_task_run, run_tasks, score_checkpoint
 
 NAME = "lissa-iterations"
 TASKS = ("mixed-small", "harmfulcheck", "grammars", "math")
@@ -164,10 +163,7 @@ def lissa_iterations_study(profile: str, out_dir: Path, data_dir: Optional[Path]
     opts = resolve_options(NAME, options, _defaults(profile))
     if not opts["iterations"] or any(int(t) < 1 for t in opts["iterations"]):
         raise UserError(f"study {NAME!r}: iterations must be positive integers, got {opts['iterations']!r}")
-    results = []
-    for task_name in opts["tasks"]:
-        log(f"{NAME}: {task_name}")
-        results.append(run_task(task_name, profile, out_dir, data_dir, opts))
+    results = run_tasks(NAME, opts["tasks"], lambda task_name: run_task(task_name, profile, out_dir, data_dir, opts))
     fig = _figure(results, out_dir / f"{NAME}.png", profile)
     data = {
         "options": opts,

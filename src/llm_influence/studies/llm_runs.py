@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ..config import TrainArgs, get_profile, load_profile_task
 from ..data.example import TaskData
@@ -192,6 +192,15 @@ def score_checkpoint(run: RunDir, checkpoint: str, specs: Sequence[tuple[str, st
                       "n_skipped": int(m.n_skipped), "seconds": seconds,
                       "diagnostics": diagnostics_summary(method.diagnostics)}
     return out
+
+
+def run_tasks(study: str, tasks: Sequence[str], run_one: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[run_one(task) for task in tasks]``, logging ``"STUDY: TASK"`` before each task."""
+    results = []
+    for task_name in tasks:
+        log(f"{study}: {task_name}")
+        results.append(run_one(task_name))
+    return results
 
 
 def epoch_log(run: RunDir) -> list[dict[str, Any]]:

@@ -91,7 +91,7 @@ from ..report.paper_numbers import paper_value, released_for
 from ..rundir import RunDir
 from .base import (StudyResult, fmt, markdown_table, new_figure, register_study, resolve_options, save_figure,
                    with_interval)
-from .llm_runs import LLM_STUDY_DEFAULTS, TaskRun, epoch_log, method_spec, profile_task_run
+from .llm_runs import LLM_STUDY_DEFAULTS, TaskRun, epoch_log, method_spec, profile_task_run, run_tasks
 
 NAME = "paper-gap"
 TASKS = ("mixed-small", "backdoor-1")
@@ -663,10 +663,7 @@ def paper_gap_study(profile: str, out_dir: Path, data_dir: Optional[Path], optio
     _check_options(opts)
     methods = list(opts["methods"])
     t0 = time.perf_counter()
-    results = []
-    for task_name in opts["tasks"]:
-        log(f"{NAME}: {task_name}")
-        results.append(run_task(task_name, profile, out_dir, data_dir, opts))
+    results = run_tasks(NAME, opts["tasks"], lambda task_name: run_task(task_name, profile, out_dir, data_dir, opts))
     fig = _figure(results, methods, out_dir / f"{NAME}.png", profile)
     data = {
         "options": opts,
