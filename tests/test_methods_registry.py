@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from llm_influence.errors import UserError
+from llm_influence.features.optimizer import AdamMoments
 from llm_influence.features.types import Features, KFACFactors
 from llm_influence.methods import (SCORE_CONVENTION, Method, Scoring, available_methods, get_method_class,
                                    implementation_digest, make_method, method_fields, method_parameters, register)
 
 F64 = torch.float64
-ALL = ["datainf", "ekfac", "exact", "exact-full", "gradsim", "gradsim-cos", "lissa", "lissa-paper", "projected",
-       "repsim", "tracin"]
+ALL = ["datainf", "dra", "ekfac", "exact", "exact-full", "gradsim", "gradsim-cos", "less", "lissa", "lissa-paper",
+       "projected", "repsim", "rept", "tracin", "trackstar"]
 GLOBAL_FIT = ["datainf", "lissa", "lissa-paper", "exact", "exact-full", "ekfac"]
 SHAPES = {"m.layers.0.q_proj.lora_A": (2, 6), "m.layers.0.q_proj.lora_B": (6, 2), "m.layers.1.v_proj.lora_A": (2, 5)}
 
@@ -28,7 +29,12 @@ def features(n: int, seed: int, history: int = 0, prefix: str = "x") -> Features
         a, s = torch.randn(20, c, generator=gen), torch.randn(20, r, generator=gen)
         kfac[b] = KFACFactors(input_cov=a.T @ a / 20, grad_cov=s.T @ s / 20, n_tokens=20)
     f = Features(ids=[f"{prefix}{i}" for i in range(n)], grads=grads,
-                 reps=torch.randn(n, 7, generator=gen), kfac=kfac)
+                 reps=torch.randn(n, 7, generator=gen), kfac=kfac,
+                 repgrads=torch.randn(n, 3, 7, generator=gen), repgrads_layer=1,
+                 optimizer=AdamMoments(exp_avg={b: torch.randn(*s, generator=gen) for b, s in SHAPES.items()},
+                                       exp_avg_sq={b: torch.rand(*s, generator=gen) for b, s in SHAPES.items()},
+                                       step=3, betas={b: (0.9, 0.999) for b in SHAPES}, eps={b: 1e-8 for b in SHAPES},
+                                       lr={b: 1e-3 for b in SHAPES}))
     f.history = [(lr, features(n, seed + 100 * (k + 1), prefix=prefix)) for k, lr in enumerate([0.1, 0.03][:history])]
     return f
 
@@ -39,7 +45,7 @@ def test_every_method_is_registered_and_constructible():
         m = make_method(name)
         assert isinstance(m, Method) and m.name == name
         assert set(m.arguments()) == set(method_parameters(name))
-        assert m.required_features() <= {"grads", "reps", "kfac", "history", "hvp"}
+        assert m.required_features() <= {"grads", "reps", "kfac", "history", "hvp", "repgrads", "optimizer"}
     assert make_method("repsim").required_features() == {"reps"}
     assert make_method("ekfac").required_features() == {"grads", "kfac"}
     assert make_method("tracin").required_features() == {"grads", "history"}
@@ -118,7 +124,7 @@ def test_global_methods_are_equivariant_to_training_order(name):
     torch.testing.assert_close(b, a[:, perm], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["gradsim", "gradsim-cos", "repsim", "tracin"])
+@pytest.mark.parametrize("name", ["gradsim", "gradsim-cos", "repsim", "tracin", "rept"])
 def test_local_methods_give_the_same_columns_for_any_training_chunking(name):
     train, test = features(10, 7, history=2), features(3, 8, history=2, prefix="t")
     whole = make_method(name).fit(train).score(test)
@@ -135,9 +141,11 @@ def test_declared_scoring_matches_the_methods():
     """SEPARABLE methods are exactly those whose columns survive chunking (tested above);
     PRECONDITIONED ones score through solve() exactly as through score()."""
     separable = {n for n in ALL if make_method(n).scoring is Scoring.SEPARABLE}
-    assert separable == {"gradsim", "gradsim-cos", "repsim", "tracin"}
+    assert separable == {"gradsim", "gradsim-cos", "repsim", "tracin", "rept", "less"}
+    whole = {n for n in ALL if make_method(n).scoring is Scoring.WHOLE}
+    assert whole == {"dra", "trackstar"}  # fitted and scored at once (tests/test_methods_dra.py, _trackstar.py)
     train, test = features(9, 11), features(4, 12, prefix="t")
-    for name in sorted(set(ALL) - separable):
+    for name in sorted(set(ALL) - separable - whole):
         m = make_method(name)
         assert m.scoring is Scoring.PRECONDITIONED
         m.fit(train)

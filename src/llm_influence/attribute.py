@@ -59,6 +59,7 @@ from . import distributed
 from .errors import UserError
 from .features import store as feature_store
 from .features.extract import DEFAULT_CHUNK_SIZE, DTYPES, check_compute_dtype, extract_features
+from .features.measure import DEFAULT_MEASURE, Measurement, parse_measure
 from .features.projection import PROJECTION_KINDS, ProjectionSpec
 from .features.types import Features
 from .io_utils import atomic_path
@@ -83,7 +84,8 @@ class AttributeArgs:
     feature chunk (resumable extraction, chunked scoring, the unit of work of a rank).
     ``project_dim``: total dimension of a seeded random projection of the gradients
     (``project_seed``, ``project_kind``), applied during extraction; None keeps the full
-    gradients."""
+    gradients. ``measure``: what the test gradients are the gradient of (``loss``,
+    ``logprob:TEXT`` or a plugin's name; :mod:`~llm_influence.features.measure`)."""
 
     methods: tuple[str, ...] = DEFAULT_METHODS
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -98,12 +100,17 @@ class AttributeArgs:
     project_seed: int = 0
     project_kind: str = "gaussian"
     trust_remote_code: bool = False
+    measure: str = DEFAULT_MEASURE
 
     def projection(self) -> Optional[ProjectionSpec]:
         """The :class:`ProjectionSpec` of ``project_*`` (None without ``project_dim``)."""
         if self.project_dim is None:
             return None
         return ProjectionSpec(dim=self.project_dim, seed=self.project_seed, kind=self.project_kind)
+
+    def measurement(self) -> Measurement:
+        """The parsed ``measure`` (a :class:`UserError` when invalid)."""
+        return parse_measure(self.measure)
 
 
 @dataclass
@@ -136,6 +143,19 @@ def _needs(methods: list[Method]) -> set[str]:
     return needs
 
 
+def _feature_options(methods: list[Method]) -> dict[str, Any]:
+    """The extraction options the methods declare (:meth:`Method.feature_options`, e.g.
+    RepT's layer); two methods asking for different values of one option is a UserError."""
+    out: dict[str, Any] = {}
+    for method in methods:
+        for key, value in method.feature_options().items():
+            if key in out and out[key] != value:
+                raise UserError(f"{method.name}: feature option {key}={value!r} conflicts with another "
+                                f"chosen method's {out[key]!r}")
+            out[key] = value
+    return out
+
+
 def _lr_per_epoch(run: RunDir) -> dict[int, float]:
     """Mean learning rate of each epoch's optimiser steps (TracIn's checkpoint weights)."""
     from .training.log import read_train_log
@@ -158,6 +178,9 @@ def _scores_key(run: RunDir, checkpoint: str, method: Method, args: AttributeArg
     projection = args.projection()
     if projection is not None:  # absent otherwise, so earlier scores files stay valid
         features["projection"] = projection.to_dict()
+    measurement = args.measurement()
+    if not measurement.is_default:  # likewise: the default loss adds nothing
+        features["measure"] = measurement.to_dict()
     parts = {
         "format": SCORES_FORMAT, "method": name, "arguments": method.arguments(),
         "implementation": implementation_digest(type(method)),
@@ -208,10 +231,16 @@ def _check_args(methods: list[Method], args: AttributeArgs) -> None:
         raise UserError(f"--chunk-size must be a positive integer, got {args.chunk_size!r}")
     if args.project_kind not in PROJECTION_KINDS:
         raise UserError(f"--project-kind must be one of {', '.join(PROJECTION_KINDS)}, got {args.project_kind!r}")
+    args.measurement()  # an invalid --measure is a UserError before anything is computed
     projection = args.projection()
     if projection is not None:
         for method in methods:
             needs = method.required_features()
+            if "optimizer" in needs:
+                raise UserError(f"--project-dim: {method.name} rescales each gradient entry by the optimizer state "
+                                f"before projecting, which stored projected gradients no longer allow; drop "
+                                f"--project-dim and use --method-arg {method.name}.project_dim=D (projects inside "
+                                "the method, after the rescaling)")
             if "kfac" in needs:
                 raise UserError(f"--project-dim: {method.name} needs the full gradients' Kronecker structure "
                                 "(kfac); drop it or --project-dim")
@@ -237,6 +266,7 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
     dtype = DTYPES[args.dtype]
     check_compute_dtype(dtype, world.device())
     projection = args.projection()
+    measurement = args.measurement()
     task = run.load_task()
     if not task.test:
         raise UserError(f"{run.path}: the run has no test examples to attribute")
@@ -265,16 +295,19 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
         if not todo:
             continue
         needs = _needs([chosen[t[0]] for t in todo])
-        feature_needs = needs & {"grads", "reps", "kfac"}
+        feature_needs = needs & {"grads", "reps", "kfac", "repgrads"}
         t0 = time.time()
         common = dict(batch_size=args.extract_batch_size, dtype=dtype, rep_layer=args.rep_layer,
                       rep_pooling=args.rep_pooling, force=args.force, chunk_size=args.chunk_size,
-                      projection=projection, trust_remote_code=args.trust_remote_code)
-        train = extract_features(run, checkpoint, "train", need=feature_needs | ({"hvp"} & needs), **common)
-        test = extract_features(run, checkpoint, "test", need=feature_needs - {"kfac"}, **common)
+                      projection=projection, trust_remote_code=args.trust_remote_code,
+                      **_feature_options([chosen[t[0]] for t in todo]))
+        train = extract_features(run, checkpoint, "train", need=feature_needs | ({"hvp", "optimizer"} & needs),
+                                 **common)
+        test = extract_features(run, checkpoint, "test", need=feature_needs - {"kfac"}, measurement=measurement,
+                                **common)
         feature_seconds = time.time() - t0
         if "history" in needs:
-            _attach_history(run, checkpoint, train, test, args, dtype)
+            _attach_history(run, checkpoint, train, test, args, dtype, optimizer="optimizer" in needs)
         for name, key, path in todo:
             method = make_method(name, **dict(args.method_args.get(name, {})))  # a fresh instance per checkpoint
             log(f"{name} ({checkpoint}): fitting on {train.n} training examples, scoring {test.n} test examples")
@@ -290,6 +323,7 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
             }
             if projection is not None:
                 meta["projection"] = projection.to_dict()
+            meta["measure"] = measurement.to_dict()
             if world.is_main:
                 _write_scores(path, scores.to(torch.float64), meta)
             distributed.barrier(world)
@@ -328,21 +362,24 @@ def score_matrix(method, train: Features, test: Features, *, chunk_size: int = D
 
 
 def _attach_history(run: RunDir, checkpoint: str, train: Features, test: Features, args: AttributeArgs,
-                    dtype: torch.dtype) -> None:
+                    dtype: torch.dtype, optimizer: bool = False) -> None:
     """TracIn's checkpoints: every epoch from 1 up to ``checkpoint``, each weighted by the
-    mean learning rate of that epoch's steps."""
+    mean learning rate of that epoch's steps. The test gradients are those of
+    ``args.measure``; ``optimizer`` attaches each checkpoint's AdamW moments to its
+    training features."""
     last = int(checkpoint.split("-")[1])
     lrs = _lr_per_epoch(run)
     for epoch in [e for e in run.epochs() if 0 < e <= last]:
         name = f"epoch-{epoch}"
         weight = lrs.get(epoch, 0.0)
         if name == checkpoint:
-            tr, te = Features(ids=train.ids, grads=train.grads), Features(ids=test.ids, grads=test.grads)
+            tr = Features(ids=train.ids, grads=train.grads, optimizer=train.optimizer)
+            te = Features(ids=test.ids, grads=test.grads)
         else:
-            common = dict(need={"grads"}, batch_size=args.extract_batch_size, dtype=dtype, chunk_size=args.chunk_size,
+            common = dict(batch_size=args.extract_batch_size, dtype=dtype, chunk_size=args.chunk_size,
                           projection=args.projection(), trust_remote_code=args.trust_remote_code)
-            tr = extract_features(run, name, "train", **common)
-            te = extract_features(run, name, "test", **common)
+            tr = extract_features(run, name, "train", need={"grads", "optimizer"} if optimizer else {"grads"}, **common)
+            te = extract_features(run, name, "test", need={"grads"}, measurement=args.measurement(), **common)
         train.history.append((weight, tr))
         test.history.append((weight, te))
 

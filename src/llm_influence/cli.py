@@ -367,6 +367,25 @@ def _add_scale_flags(p: argparse.ArgumentParser) -> None:
                    help="distribution of the projection matrix (default gaussian; needs --project-dim)")
 
 
+def _measure_value(text: str) -> str:
+    """``--measure`` checked against the measurements known now (plugins are loaded first)."""
+    from .features.measure import parse_measure
+
+    try:
+        return parse_measure(text).spec()
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--measure {text!r}: ").removeprefix("--measure: ")) \
+            from None
+
+
+def _add_measure(p: argparse.ArgumentParser) -> None:
+    """``--measure`` (attribute, reproduce, explain): what the test gradients are the gradient of."""
+    from .features.measure import DEFAULT_MEASURE, MEASURE_HELP
+
+    p.add_argument("--measure", type=_measure_value, default=DEFAULT_MEASURE, metavar="loss|logprob:TEXT|NAME",
+                   help=MEASURE_HELP)
+
+
 def _scale_args(ns: argparse.Namespace) -> dict[str, Any]:
     if ns.project_dim is None and (ns.project_seed is not None or ns.project_kind is not None):
         raise UserError("--project-seed/--project-kind: have no effect without --project-dim")
@@ -383,7 +402,7 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
     methods = _method_names(ns, DEFAULT_METHODS)
     args = AttributeArgs(methods=tuple(methods), method_args=_method_args(ns, methods), checkpoint=ns.checkpoint,
                          rep_layer=ns.rep_layer, rep_pooling=ns.rep_pooling, force=ns.force,
-                         trust_remote_code=ns.trust_remote_code, **_scale_args(ns))
+                         trust_remote_code=ns.trust_remote_code, measure=ns.measure, **_scale_args(ns))
     try:
         results = attribute(ns.run, args)
     finally:
@@ -419,7 +438,7 @@ def cmd_reproduce(ns: argparse.Namespace) -> int:
 
     tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()] if ns.tasks else None
     methods = _method_names(ns, DEFAULT_BENCHMARK_METHODS)
-    args = AttributeArgs(method_args=_method_args(ns, methods), **_scale_args(ns))
+    args = AttributeArgs(method_args=_method_args(ns, methods), measure=ns.measure, **_scale_args(ns))
     studies = [x.strip() for x in ns.studies.split(",") if x.strip()] if ns.studies is not None else None
     if ns.seed_tasks and ns.seeds == 1:
         raise UserError("--seed-tasks: has no effect with --seeds 1")
@@ -480,7 +499,7 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     options = {"methods": methods, "method_args": _method_args(ns, methods), "top_k": ns.top_k, "rank_by": ns.rank_by,
                "max_new_tokens": ns.max_new_tokens, "extract_batch_size": ns.extract_batch_size,
                "cache_dir": Path(ns.cache_dir) if ns.cache_dir else None,
-               "trust_remote_code": ns.trust_remote_code}
+               "trust_remote_code": ns.trust_remote_code, "tokens": ns.tokens, "measure": ns.measure}
     if ns.checkpoint and not ns.run:
         raise UserError("--checkpoint: applies only with --run")
     if ns.run:
@@ -571,7 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="last", help="epoch-N, last (default) or all")
     _add_method_flags(p, DEFAULT_METHODS, ",".join(DEFAULT_METHODS))
     _add_scale_flags(p)
-    p.add_argument("--rep-layer", type=int, default=-1, help="hidden-state index for representations (default: last)")
+    _add_measure(p)
+    p.add_argument("--rep-layer", type=int, default=-1,
+                   help="hidden-state index for representations, RepSim's and DRA's (default: last; RepT's layer is "
+                        "--method-arg rept.layer=N|auto)")
     p.add_argument("--rep-pooling", choices=["last-prompt", "mean-prompt", "mean"], default="last-prompt",
                    help="tokens the representation is taken from (default last-prompt)")
     p.add_argument("--force", action="store_true", help="recompute features and scores")
@@ -593,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rank_by(p)
     _add_method_flags(p, None, ",".join(DEFAULT_BENCHMARK_METHODS) + ", as attribute")
     _add_scale_flags(p)
+    _add_measure(p)
     p.add_argument("--studies", help="comma-separated studies to run after the tasks (default: all; '' for none)")
     p.add_argument("--seeds", type=int, default=1,
                    help="fine-tuning seeds per task (the profile's seed, +1, ...); tables add mean +- std")
@@ -617,6 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-new-tokens", type=int, default=128, help="for generated responses (default 128)")
     _add_method_flags(p, DEFAULT_EXPLAIN_METHODS, ",".join(DEFAULT_EXPLAIN_METHODS))
     p.add_argument("--top-k", type=int, default=10, help="training examples listed per query and method (default 10)")
+    _add_measure(p)
+    p.add_argument("--tokens", type=int, default=0, metavar="N",
+                   help="with rept among --methods: RepT's token-level attribution, the N tokens of each listed "
+                        "training example that contribute most (JSON field 'tokens' and a table column; default 0: off)")
     _add_rank_by(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")

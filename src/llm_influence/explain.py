@@ -9,7 +9,10 @@ top ``k`` are returned, most influential first (the scores convention of
 (:func:`~llm_influence.evaluation.metrics.rank_training`): equal scores are listed in
 training-file order and share their competition rank (``1, 2, 2, 4``,
 :func:`~llm_influence.evaluation.metrics.tie_ranks`), shown as ``2=`` in the tables and as
-``"rank"`` / ``"tied"`` in JSON and CSV (:data:`TIE_NOTE`).
+``"rank"`` / ``"tied"`` in JSON and CSV (:data:`TIE_NOTE`). With ``tokens`` (``--tokens N``)
+and ``rept`` among the methods, each training example RepT lists also gets its ``N``
+highest-scoring tokens (RepT's token-level attribution, :func:`attach_token_attribution`;
+JSON field ``tokens`` and a table column).
 
 Under the hood a *query run* is built in the cache (``$LLM_INFLUENCE_CACHE/explain/KEY``):
 a run directory whose ``data/train.jsonl`` is the training set, whose ``data/test.jsonl``
@@ -78,6 +81,9 @@ class ExplainArgs:
     ``lora`` and ``seed`` are used only without an adapter (a fresh LoRA, see the module
     docstring). ``cache_dir`` defaults to ``$LLM_INFLUENCE_CACHE/explain``.
     ``trust_remote_code`` lets a model loaded by path run its own code (explicit opt-in).
+    ``tokens`` > 0 (needs ``rept`` among the methods) adds RepT's token-level attribution:
+    the ``tokens`` highest-scoring tokens of each training example RepT lists
+    (:func:`attach_token_attribution`).
     """
 
     model: str
@@ -95,6 +101,8 @@ class ExplainArgs:
     seed: int = 0
     cache_dir: Optional[Path] = None
     trust_remote_code: bool = False
+    tokens: int = 0
+    measure: str = "loss"  # what each query's gradient is the gradient of (llm_influence.features.measure)
 
 
 @dataclass
@@ -102,7 +110,8 @@ class Influencer:
     """A training example in a query's top-k; ``score`` in the method's units (higher =
     more helpful to the query's response). ``rank`` is the 1-based competition rank shared
     by equal scores (``1, 2, 2, 4``); ``tied`` says whether another training example (shown
-    or not) has exactly this score."""
+    or not) has exactly this score. ``tokens`` (RepT rows with ``--tokens``): the example's
+    highest-scoring tokens, ``{"position", "token", "score"}`` each, best first."""
 
     rank: int
     score: float
@@ -111,6 +120,7 @@ class Influencer:
     prompt: str
     response: str
     tied: bool = False
+    tokens: Optional[list[dict[str, Any]]] = None
 
 
 @dataclass
@@ -127,6 +137,7 @@ class ExplainResult:
     seconds: float
     train_features_reused: bool
     rank_by: str = "score"
+    measure: str = "loss"
 
 
 def read_queries(path: str | Path) -> list[Query]:
@@ -162,9 +173,16 @@ def _validate(args: ExplainArgs, queries: Sequence[Query]) -> None:
         raise UserError("--methods: give at least one method")
     for name, method in build_methods(list(args.methods), AttributeArgs(method_args=args.method_args)).items():
         if "history" in method.required_features():
-            raise UserError(f"--methods {name}: needs the fine-tuning history; use `attribute` on the run instead")
+            hint = f" or --method-arg {name}.checkpoints=last" if "checkpoints" in method.arguments() else ""
+            raise UserError(f"--methods {name}: needs the fine-tuning history; use `attribute` on the run "
+                            f"instead{hint}")
+    AttributeArgs(measure=args.measure).measurement()  # an invalid measurement is a UserError here
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.tokens < 0:
+        raise UserError(f"--tokens must be at least 0, got {args.tokens}")
+    if args.tokens and "rept" not in args.methods:
+        raise UserError("--tokens: token-level attribution is RepT's; add rept to --methods")
     if args.rank_by not in RANK_BY_CHOICES:
         raise UserError(f"--rank-by must be one of {', '.join(RANK_BY_CHOICES)}, got {args.rank_by!r}")
     if args.max_length < 8:
@@ -214,16 +232,33 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+OPTIMIZER_STATE_FILES = ("optimizer.safetensors", "trainer_state.json")
+
+
+def _copy_optimizer_state(args: ExplainArgs, checkpoint: Path) -> None:
+    """The adapter's AdamW state (a run checkpoint's ``optimizer.safetensors`` and
+    ``trainer_state.json``), when it has one, for the optimizer-aware methods (``trackstar``,
+    ``less``); each file written atomically, never overwritten."""
+    if args.adapter is None or not all((Path(args.adapter) / f).is_file() for f in OPTIMIZER_STATE_FILES):
+        return
+    for name in OPTIMIZER_STATE_FILES:
+        if not (checkpoint / name).is_file():
+            with atomic_path(checkpoint / name) as tmp:
+                shutil.copyfile(Path(args.adapter) / name, tmp)
+
+
 def _prepare_query_run(args: ExplainArgs, train: list[Example], folder: Path) -> RunDir:
     """Create (once) the query run's config, training data and adapter checkpoint."""
     run = RunDir(folder)
     checkpoint = run.checkpoints_root / CHECKPOINT
     if run.exists() and (checkpoint / "adapter_model.safetensors").is_file():
+        _copy_optimizer_state(args, checkpoint)
         return run
     if args.adapter is not None:
         def write_adapter(tmp: Path) -> None:
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 shutil.copyfile(Path(args.adapter) / name, tmp / name)
+            _copy_optimizer_state(args, tmp)
     else:
         def write_adapter(tmp: Path) -> None:
             from .models.lora import attach_lora
@@ -283,7 +318,7 @@ def explain(queries: Sequence[Query], args: ExplainArgs) -> ExplainResult:
         features_before = _train_feature_files(run)
         attribute(run.path, AttributeArgs(methods=tuple(args.methods), method_args=args.method_args,
                                           checkpoint=CHECKPOINT, extract_batch_size=args.extract_batch_size,
-                                          trust_remote_code=args.trust_remote_code))
+                                          trust_remote_code=args.trust_remote_code, measure=args.measure))
         reused = bool(features_before) and features_before == _train_feature_files(run)
         tops: list[dict[str, list[Influencer]]] = [{} for _ in queries]
         for method in args.methods:
@@ -292,8 +327,12 @@ def explain(queries: Sequence[Query], args: ExplainArgs) -> ExplainResult:
                 raise RuntimeError(f"{method}: scores do not match the query run's examples")
             for i, rows in enumerate(top_influencers(scores, train, args.top_k, rank_by=args.rank_by)):
                 tops[i][method] = rows
+        if args.tokens:
+            attach_token_attribution(run, train, [t["rept"] for t in tops], args.tokens,
+                                     batch_size=args.extract_batch_size, trust_remote_code=args.trust_remote_code)
     explanations = [Explanation(q, g, t) for q, g, t in zip(queries, generated, tops)]
-    return ExplainResult(explanations, folder, time.time() - t0, reused, args.rank_by)
+    return ExplainResult(explanations, folder, time.time() - t0, reused, args.rank_by,
+                         measure=AttributeArgs(measure=args.measure).measurement().spec())
 
 
 def top_influencers(scores: Any, train: Sequence[Example], top: int,
@@ -317,6 +356,49 @@ def top_influencers(scores: Any, train: Sequence[Example], top: int,
             for i in range(order.shape[0])]
 
 
+def attach_token_attribution(run: RunDir, train: Sequence[Example], rows_per_query: Sequence[list[Influencer]],
+                             n_tokens: int, *, batch_size: int = 8, trust_remote_code: bool = False) -> None:
+    """RepT's token-level attribution (:meth:`llm_influence.methods.rept.RepT.token_scores`)
+    for the listed RepT influencers of every query (``rows_per_query[i]``, in place): each
+    gets ``tokens``, its ``n_tokens`` highest-scoring tokens ``{"position": token index in
+    the training example's tokenized prompt + response, "token": its text, "score":
+    cos(s_query, [h_q ; dL/dh_q])}`` (ties in position order). The query signatures are the
+    ones the sample scores used (the query run's cached features, same layer and
+    arguments); the training tokens come from one batched pass over the listed examples."""
+    from .features.extract import extract_features
+    from .features.rep_grads import token_signatures
+    from .methods import make_method
+    from .training.load import load_finetuned
+
+    _, meta = read_scores(run.scores_dir(CHECKPOINT) / "rept.safetensors")
+    method = make_method("rept", **meta["arguments"])
+    measure = meta.get("measure") or {}
+    measurement = None
+    if measure.get("name") not in (None, "loss"):  # the query signatures the scores used (--measure)
+        from .features.measure import parse_measure
+
+        measurement = parse_measure(measure["name"] + ("" if measure.get("argument") is None
+                                                       else f":{measure['argument']}"))
+    test = extract_features(run, CHECKPOINT, "test", need={"repgrads"}, batch_size=batch_size,
+                            trust_remote_code=trust_remote_code, measurement=measurement, **method.feature_options())
+    index = {ex.id: j for j, ex in enumerate(train)}
+    wanted = sorted({index[x.id] for rows in rows_per_query for x in rows})
+    if not wanted:
+        return
+    model, formatter, _ = load_finetuned(run, CHECKPOINT, trust_remote_code=trust_remote_code)
+    tokenizer = formatter.tokenizer
+    sigs = token_signatures(model, [formatter.encode(train[j]) for j in wanted], tokenizer.pad_token_id,
+                            layer=test.repgrads_layer, batch_size=batch_size)
+    by_index = dict(zip(wanted, sigs))
+    for i, rows in enumerate(rows_per_query):
+        for x in rows:
+            t = by_index[index[x.id]]
+            scores = method.token_scores(test.repgrads[i], t.hidden, t.grads).numpy()
+            best = np.argsort(-scores, kind="stable")[:n_tokens]
+            x.tokens = [{"position": t.positions[j] + 1, "token": tokenizer.decode([t.token_ids[j]]),
+                         "score": float(scores[j])} for j in best.tolist()]
+
+
 def _train_feature_files(run: RunDir) -> dict[str, float]:
     """``{file: mtime}`` of the training-split feature files (to tell reuse from recompute)."""
     folder = run.features_dir(CHECKPOINT)
@@ -327,6 +409,14 @@ def _train_feature_files(run: RunDir) -> dict[str, float]:
 
 # -- output ----------------------------------------------------------------------------------
 
+def _influencer_json(x: Influencer) -> dict[str, Any]:
+    """Every :class:`Influencer` field; ``tokens`` only where token-level attribution ran."""
+    out = asdict(x)
+    if out.get("tokens") is None:
+        out.pop("tokens", None)
+    return out
+
+
 def to_json(result: ExplainResult) -> dict[str, Any]:
     """The ``--json`` output: the query run, timing, :data:`TIE_NOTE` and, per query, its
     top-k per method (every :class:`Influencer` field)."""
@@ -334,11 +424,12 @@ def to_json(result: ExplainResult) -> dict[str, Any]:
         "query_run": str(result.query_run),
         "ties": TIE_NOTE,
         "rank_by": result.rank_by,
+        "measure": result.measure,
         "seconds": result.seconds,
         "train_features_reused": result.train_features_reused,
         "queries": [{"id": e.query.id, "prompt": e.query.prompt, "response": e.query.response,
                      "generated": e.generated,
-                     "top": {m: [asdict(x) for x in rows] for m, rows in e.top.items()}}
+                     "top": {m: [_influencer_json(x) for x in rows] for m, rows in e.top.items()}}
                     for e in result.explanations],
     }
 
@@ -385,11 +476,15 @@ def print_tables(result: ExplainResult, console=None) -> None:
         console.print(f"  response ({label}): {escape(excerpt(e.query.response or '', 100))}")
         for method, rows in e.top.items():
             table = Table(title=f"{method}: top {len(rows)}", title_justify="left")
-            for col in ("rank", "score", "id", "group", "prompt", "response"):
+            with_tokens = any(x.tokens is not None for x in rows)
+            for col in ("rank", "score", "id", "group", "prompt", "response") + (("top tokens",) if with_tokens else ()):
                 table.add_column(col, justify="right" if col in ("rank", "score") else "left",
-                                 overflow="fold" if col in ("prompt", "response") else "ellipsis")
+                                 overflow="fold" if col in ("prompt", "response", "top tokens") else "ellipsis")
             for x in rows:
-                table.add_row(f"{x.rank}=" if x.tied else str(x.rank), f"{x.score:.4g}", escape(x.id),
-                              escape(x.group or "-"), escape(excerpt(x.prompt)), escape(excerpt(x.response)))
+                cells = [f"{x.rank}=" if x.tied else str(x.rank), f"{x.score:.4g}", escape(x.id),
+                         escape(x.group or "-"), escape(excerpt(x.prompt)), escape(excerpt(x.response))]
+                if with_tokens:
+                    cells.append(escape(" ".join(f"{t['token']!r}({t['score']:.3g})" for t in x.tokens or [])))
+                table.add_row(*cells)
             console.print(table)
     console.print(escape(f"Ties: {TIE_NOTE}."))

@@ -4,7 +4,9 @@
 :class:`Features` of the run's training split at that checkpoint, reading them from
 ``RUN/features/epoch-3/`` when a file made from the same inputs exists and verifies, and
 computing (then storing) them otherwise. See :mod:`.store` for the file layout and the
-cache key, :mod:`.gradients` and :mod:`.representations` for what is computed.
+cache key, :mod:`.gradients` and :mod:`.representations` for what is computed, and
+:mod:`.rep_grads` for RepT's ``repgrads`` (own pass; layer resolved once per checkpoint by
+:func:`resolve_rep_grads_layer`, part of its key).
 
 **Chunks and resuming.** A split is computed in chunks of ``chunk_size`` consecutive
 examples (batches are formed inside a chunk, sorted by length). Each finished chunk is
@@ -39,6 +41,7 @@ are ``[n, 1, k_l]`` per block; part of the grads cache key.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import AbstractSet, Any, Optional
@@ -49,19 +52,26 @@ from .. import distributed
 from ..config import TrainArgs
 from ..errors import UserError
 from ..hardware import warn_if_emulated_bf16
+from ..io_utils import write_json
 from ..progress import log
 from ..rundir import RunDir
 from . import store
 from .gradients import NonFiniteError, compute_features, lora_modules
 from .hvp import make_hvp
+from .measure import Measurement
+from .optimizer import load_adam_moments
 from .projection import GradientProjector, ProjectionSpec
+from .rep_grads import POSITIONS as REPGRAD_POSITIONS
+from .rep_grads import PROBE_RULE, RepGradSpec, probe_layer, representation_gradients
 from .representations import POOLINGS
 from .types import HVP, Features
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-CACHED = ("grads", "reps", "kfac")
-KNOWN_NEEDS = frozenset({"grads", "reps", "kfac", "hvp", "history"})
+CACHED = ("grads", "reps", "kfac", "repgrads")
+KNOWN_NEEDS = frozenset({"grads", "reps", "kfac", "hvp", "history", "repgrads", "optimizer"})
+#: the RepT probing result of a checkpoint (``RUN/features/epoch-N/rept-layer.json``)
+REPT_LAYER_FILE = "rept-layer.json"
 KFAC_TOKENS = "non-pad tokens t <= last position whose logit is supervised"
 DEFAULT_CHUNK_SIZE = 256
 #: static loss scale for float16 extraction (gradients are divided by it again in float32)
@@ -128,30 +138,93 @@ def _load_model(run: RunDir, name: str, dtype: torch.dtype, device: torch.device
 
 
 def cache_keys(run: RunDir, name: str, split: str, *, dtype: torch.dtype, rep_layer: int,
-               rep_pooling: str, projection: Optional[ProjectionSpec] = None
-               ) -> tuple[dict[str, str], dict[str, Any]]:
+               rep_pooling: str, projection: Optional[ProjectionSpec] = None,
+               rep_grads_layer: Optional[int] = None,
+               measurement: Optional[Measurement] = None) -> tuple[dict[str, str], dict[str, Any]]:
     """``({component: key}, arguments)`` for the split at checkpoint ``name``.
 
     Every key covers the model name, the adapter files' contents, the split's example ids
     and texts, the dtype, ``max_length`` and ``loss_on``; the reps key adds ``layer`` and
     ``pooling``, the kfac key the K-FAC flag and token-set definition, the grads key the
-    projection (when there is one).
+    projection (when there is one) and a measurement other than the loss (:mod:`.measure`;
+    the default ``loss`` leaves the key as it was); the repgrads key (only with
+    ``rep_grads_layer``, a resolved hidden-state index) the layer and the token positions of
+    its rows.
     """
     model_name, args = _finetune_config(run)
     examples = _split_examples(run, split)
     common = {"model": model_name, "adapter": store.adapter_digest(run.checkpoints_root / name),
               "examples": store.examples_digest(examples), "n": len(examples), "dtype": _dtype_name(dtype),
               "max_length": args.max_length, "loss_on": args.loss_on}
+    grads_specific: dict[str, Any] = {} if projection is None else {"projection": projection.to_dict()}
+    if measurement is not None and not measurement.is_default:
+        grads_specific["measurement"] = measurement.to_dict()
     keys = {
-        "grads": store.component_key(common, "grads",
-                                     None if projection is None else {"projection": projection.to_dict()}),
+        "grads": store.component_key(common, "grads", grads_specific or None),
         "reps": store.component_key(common, "reps", {"layer": rep_layer, "pooling": rep_pooling}),
         "kfac": store.component_key(common, "kfac", {"kfac": True, "tokens": KFAC_TOKENS}),
     }
     arguments = {**common, "checkpoint": name, "split": split, "rep_layer": rep_layer,
                  "rep_pooling": rep_pooling, "kfac_tokens": KFAC_TOKENS,
                  "projection": None if projection is None else projection.to_dict()}
+    if measurement is not None and not measurement.is_default:
+        arguments["measurement"] = measurement.to_dict()
+    if rep_grads_layer is not None:
+        repgrads_specific: dict[str, Any] = {"layer": rep_grads_layer, "rows": REPGRAD_POSITIONS}
+        if measurement is not None and not measurement.is_default:  # RepT's gradient is the measurement's too
+            repgrads_specific["measurement"] = measurement.to_dict()
+        keys["repgrads"] = store.component_key(common, "repgrads", repgrads_specific)
+        arguments["rep_grads_layer"] = rep_grads_layer
     return keys, arguments
+
+
+def resolve_rep_grads_layer(run: RunDir, name: str, spec: RepGradSpec, *, dtype: torch.dtype,
+                            device: torch.device, batch_size: int = 8, force: bool = False,
+                            trust_remote_code: bool = False) -> tuple[int, dict[str, Any]]:
+    """``(hidden-state index, probe record)`` of RepT's layer at checkpoint ``name``.
+
+    An integer ``spec.layer`` is used as given. ``"auto"`` applies the probing rule
+    (:func:`~llm_influence.features.rep_grads.probe_layer`) to the first ``spec.probe_size``
+    *training* examples (file order; no test example, no label); the result is stored in
+    ``RUN/features/<name>/rept-layer.json`` with a key over the model, adapter, training
+    examples, dtype, token settings and probe settings, and reused while the key matches.
+    Under ``torchrun`` rank 0 probes and writes, every rank reads the file."""
+    if not isinstance(spec.layer, str):
+        return int(spec.layer), {"layer": int(spec.layer), "rule": "fixed"}
+    keys, arguments = cache_keys(run, name, "train", dtype=dtype, rep_layer=-1, rep_pooling="last-prompt")
+    common = {k: arguments[k] for k in ("model", "adapter", "examples", "n", "dtype", "max_length", "loss_on")}
+    key = store.component_key(common, "rept-layer", {"probe_size": spec.probe_size, "rule": PROBE_RULE})
+    path = run.features_dir(name) / REPT_LAYER_FILE
+    world = distributed.current()
+
+    def cached() -> Optional[dict[str, Any]]:
+        if force or not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return record if record.get("key") == key and isinstance(record.get("layer"), int) else None
+
+    def probe() -> None:
+        if not world.is_main or cached() is not None:
+            return
+        examples = _split_examples(run, "train")[:spec.probe_size]
+        if not examples:
+            raise UserError(f"{run.path}: no training examples to probe RepT's layer with")
+        model, formatter = _load_model(run, name, dtype, device, trust_remote_code)
+        encoded = [formatter.encode(ex) for ex in examples]
+        layer, cosines = probe_layer(model, encoded, formatter.tokenizer.pad_token_id, batch_size=batch_size)
+        write_json(path, {"key": key, "layer": layer, "rule": PROBE_RULE, "probe_size": spec.probe_size,
+                          "probe_ids": [ex.id for ex in examples], "cosines": cosines})
+        log(f"{path}: RepT layer {layer} by the probing rule on {len(examples)} training prompts")
+
+    distributed.agree(probe, "probing RepT's layer", world)
+    distributed.barrier(world)
+    record = cached() if not force else json.loads(path.read_text(encoding="utf-8"))
+    if record is None or record.get("key") != key:
+        raise RuntimeError(f"{path}: the RepT probing result does not load")
+    return int(record["layer"]), record
 
 
 def split_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -165,15 +238,23 @@ def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
                      rep_pooling: str = "last-prompt", force: bool = False,
                      device: Optional[str | torch.device] = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                      projection: Optional[ProjectionSpec] = None, keep_chunks: bool = False,
-                     trust_remote_code: bool = False) -> Features:
+                     trust_remote_code: bool = False, rep_grads: Optional[RepGradSpec] = None,
+                     measurement: Optional[Measurement] = None) -> Features:
     """The :class:`Features` of one split (``"train"`` or ``"test"``) at ``checkpoint``.
 
     ``need`` selects the fields: ``grads`` (``{block: [n, rows, cols]}`` per-example
     gradients of each example's mean token loss, nats), ``reps`` (``[n, hidden]``, hidden
     state ``rep_layer`` pooled by ``rep_pooling``), ``kfac`` (per-block K-FAC factors of
-    this split) and ``hvp`` (true Hessian-vector products of the *training* loss, see
+    this split), ``repgrads`` (RepT's ``[n, 3, hidden]`` signatures at the layer of
+    ``rep_grads``, default :class:`RepGradSpec()`, resolved by
+    :func:`resolve_rep_grads_layer`; ``Features.repgrads_layer`` is the index used) and
+    ``hvp`` (true Hessian-vector products of the *training* loss, see
     :func:`build_hvp`; not cached). ``history`` is accepted and ignored: the caller builds
-    TracIn's history from :func:`extract_features` at earlier checkpoints.
+    TracIn's history from :func:`extract_features` at earlier checkpoints. ``optimizer``
+    (training split, with ``grads``) attaches the checkpoint's AdamW moments by block
+    (:func:`~llm_influence.features.optimizer.load_adam_moments`; None for ``epoch-0`` or an
+    adapter without optimizer state). ``measurement`` (test split only, :mod:`.measure`)
+    makes the gradients those of the measurement instead of the loss (part of their key).
 
     Components are read from ``RUN/features/<checkpoint>/{split}.{component}.safetensors``
     when their key matches (and the file verifies), otherwise computed chunk by chunk
@@ -195,14 +276,25 @@ def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise UserError(f"chunk size must be a positive integer, got {chunk_size!r}")
+    if measurement is not None and measurement.is_default:
+        measurement = None
+    if measurement is not None and split != "test":
+        raise ValueError("a measurement applies to the test split only (training gradients are the loss's)")
+    if "optimizer" in need and "grads" not in need:
+        raise ValueError("the optimizer state is assigned to the gradient blocks: ask for grads too")
     world = distributed.current()
     dev = _device(device)
     check_compute_dtype(dtype, dev)
     name = resolve_checkpoint(run, checkpoint)
     examples = _split_examples(run, split)
     ids = [ex.id for ex in examples]
+    repgrads_layer = None
+    if "repgrads" in need:
+        repgrads_layer, _ = resolve_rep_grads_layer(run, name, rep_grads or RepGradSpec(), dtype=dtype, device=dev,
+                                                    batch_size=batch_size, force=force and split == "train",
+                                                    trust_remote_code=trust_remote_code)
     keys, arguments = cache_keys(run, name, split, dtype=dtype, rep_layer=rep_layer, rep_pooling=rep_pooling,
-                                 projection=projection)
+                                 projection=projection, rep_grads_layer=repgrads_layer, measurement=measurement)
     wanted = [c for c in CACHED if c in need]
     folder = run.features_dir(name)
 
@@ -230,7 +322,8 @@ def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
         distributed.agree(lambda: state.update(_compute_chunks(
             run, name, split, examples, ids, sorted(missing), keys, folder, ranges, world,
             batch_size=batch_size, dtype=dtype, device=dev, rep_layer=rep_layer, rep_pooling=rep_pooling,
-            projection=projection, force=force, trust_remote_code=trust_remote_code)),
+            projection=projection, force=force, trust_remote_code=trust_remote_code,
+            repgrads_layer=repgrads_layer, measurement=measurement)),
             f"extracting {split} features", world)
         model, formatter = state.get("model"), state.get("formatter")
         args = {**arguments, "batch_size": batch_size, "chunk_size": chunk_size, "device": str(dev),
@@ -252,7 +345,10 @@ def extract_features(run: RunDir | str | Path, checkpoint: str, split: str, *,
         source = fresh if component in missing else loaded
         return getattr(source, component)
 
-    features = Features(ids=ids, grads=pick("grads", {}), reps=pick("reps", None), kfac=pick("kfac", None))
+    features = Features(ids=ids, grads=pick("grads", {}), reps=pick("reps", None), kfac=pick("kfac", None),
+                        repgrads=pick("repgrads", None), repgrads_layer=repgrads_layer)
+    if "optimizer" in need and split == "train":
+        features.optimizer = load_adam_moments(run.checkpoints_root / name, features.blocks)
     if "hvp" in need:
         if model is None or split != "train":
             features.hvp = build_hvp(run, name, batch_size, dtype=dtype, device=dev,
@@ -267,9 +363,12 @@ def _compute_chunks(run: RunDir, name: str, split: str, examples, ids: list[str]
                     keys: dict[str, str], folder: Path, ranges: list[tuple[int, int]], world, *,
                     batch_size: int, dtype: torch.dtype, device: torch.device, rep_layer: int,
                     rep_pooling: str, projection: Optional[ProjectionSpec], force: bool,
-                    trust_remote_code: bool = False) -> dict[str, Any]:
+                    trust_remote_code: bool = False, repgrads_layer: Optional[int] = None,
+                    measurement: Optional[Measurement] = None) -> dict[str, Any]:
     """Compute and store this rank's unfinished chunks of ``missing``; returns the model
-    and formatter if it loaded them (for the HVP), else an empty dict."""
+    and formatter if it loaded them (for the HVP), else an empty dict. RepT's ``repgrads``
+    come from their own pass (no parameter gradient), :func:`_repgrads_chunk`; so do the gradients of a
+    ``measurement`` other than the loss (:func:`_measured_grads_chunk`)."""
     todo: list[tuple[int, set[str]]] = []
     for i in distributed.mine(len(ranges), world):
         a, b = ranges[i]
@@ -294,6 +393,25 @@ def _compute_chunks(run: RunDir, name: str, split: str, examples, ids: list[str]
     for i, need in todo:
         a, b = ranges[i]
         encoded = [formatter.encode(ex) for ex in examples[a:b]]
+        if "repgrads" in need:
+            _repgrads_chunk(run, name, split, model, formatter,
+                            encoded if measurement is None else [measurement.encode(formatter, ex)
+                                                                 for ex in examples[a:b]],
+                            ids, keys, folder, (a, b),
+                            f"{split} RepT signatures ({name})" + (f" chunk {i + 1}/{len(ranges)}" if len(ranges) > 1
+                                                                  else ""),
+                            layer=repgrads_layer, batch_size=batch_size, autocast=autocast, loss_scale=loss_scale,
+                            measure=None if measurement is None else measurement.objective())
+            need = need - {"repgrads"}
+            if not need:
+                continue
+        if measurement is not None and "grads" in need:
+            _measured_grads_chunk(run, name, split, model, formatter, examples[a:b], ids, keys, folder, (a, b),
+                                  f"{split} gradients of {measurement.spec()} ({name})", measurement=measurement,
+                                  batch_size=batch_size, transform=projector, autocast=autocast, loss_scale=loss_scale)
+            need = need - {"grads"}
+            if not need:
+                continue
         try:
             res = compute_features(model, encoded, formatter.tokenizer.pad_token_id, grads="grads" in need,
                                    kfac="kfac" in need, reps="reps" in need, rep_layer=rep_layer,
@@ -312,6 +430,50 @@ def _compute_chunks(run: RunDir, name: str, split: str, examples, ids: list[str]
         log(f"{folder}: {split} chunk {i + 1}/{len(ranges)} (examples {a}..{b - 1}) computed "
             f"({', '.join(sorted(need))}) in {res.seconds:.1f} s")
     return {"model": model, "formatter": formatter}
+
+
+def _measured_grads_chunk(run: RunDir, name: str, split: str, model, formatter, examples, ids: list[str],
+                          keys: dict[str, str], folder: Path, span: tuple[int, int], description: str, *,
+                          measurement: Measurement, batch_size: int, transform, autocast: Optional[torch.dtype],
+                          loss_scale: float) -> None:
+    """Compute and store one chunk of test gradients of ``measurement`` (:mod:`.measure`):
+    the examples encoded as the measurement reads them, its per-example value differentiated."""
+    a, b = span
+    encoded = [measurement.encode(formatter, ex) for ex in examples]
+    try:
+        res = compute_features(model, encoded, formatter.tokenizer.pad_token_id, grads=True, batch_size=batch_size,
+                               description=description, transform=transform, autocast_dtype=autocast,
+                               loss_scale=loss_scale, measure=measurement.objective())
+    except NonFiniteError as exc:
+        bad = ", ".join(ids[a + j] for j in exc.indices)
+        raise UserError(f"{run.checkpoints_root / name}: non-finite measurement {measurement.spec()!r} or its gradient "
+                        f"for {split} example(s) {bad}") from None
+    store.save_chunk(folder, split, "grads", keys["grads"], a, b, ids[a:b], res.grads, seconds=res.seconds)
+    log(f"{folder}: {split} chunk (examples {a}..{b - 1}) computed (grads of {measurement.spec()}) "
+        f"in {res.seconds:.1f} s")
+
+
+def _repgrads_chunk(run: RunDir, name: str, split: str, model, formatter, encoded, ids: list[str],
+                    keys: dict[str, str], folder: Path, span: tuple[int, int], description: str, *,
+                    layer: Optional[int], batch_size: int, autocast: Optional[torch.dtype],
+                    loss_scale: float, measure=None) -> None:
+    """Compute and store one chunk of RepT signatures (:mod:`.rep_grads`); ``measure`` (test
+    split, :mod:`.measure`) replaces the loss whose gradient is taken."""
+    a, b = span
+    if layer is None:
+        raise RuntimeError("repgrads requested without a resolved layer")
+    try:
+        res = representation_gradients(model, encoded, formatter.tokenizer.pad_token_id, layer=layer,
+                                       batch_size=batch_size, description=description, autocast_dtype=autocast,
+                                       loss_scale=loss_scale, measure=measure)
+    except NonFiniteError as exc:
+        bad = ", ".join(ids[a + j] for j in exc.indices)
+        raise UserError(f"{run.checkpoints_root / name}: non-finite loss or representation gradient for {split} "
+                        f"example(s) {bad}; the adapter may have diverged (lower --lr)") from None
+    except ValueError as exc:  # an out-of-range layer
+        raise UserError(f"RepT layer: {exc}") from None
+    store.save_chunk(folder, split, "repgrads", keys["repgrads"], a, b, ids[a:b], res.signatures, seconds=res.seconds)
+    log(f"{folder}: {split} chunk (examples {a}..{b - 1}) computed (repgrads, layer {layer}) in {res.seconds:.1f} s")
 
 
 def _assemble(folder: Path, split: str, missing: list[str], keys: dict[str, str], ranges: list[tuple[int, int]],

@@ -284,7 +284,8 @@ def compute_features(model, encoded: Sequence[Encoded], pad_id: int, *, grads: b
                      kfac: bool = False, reps: bool = False, rep_layer: int = -1,
                      rep_pooling: str = "last-prompt", batch_size: int = 8, side: str = "right",
                      description: Optional[str] = "features", transform=None,
-                     autocast_dtype: Optional[torch.dtype] = None, loss_scale: float = 1.0) -> ExtractedArrays:
+                     autocast_dtype: Optional[torch.dtype] = None, loss_scale: float = 1.0,
+                     measure=None) -> ExtractedArrays:
     """One pass over ``encoded``: per-example gradients, K-FAC factors and representations.
 
     ``grads``/``kfac`` need a forward + backward per batch (see the module docstring);
@@ -298,8 +299,10 @@ def compute_features(model, encoded: Sequence[Encoded], pad_id: int, *, grads: b
 
     ``transform`` (e.g. a projection) maps each batch's ``[B, rows, cols]`` gradients before
     they are stored; ``autocast_dtype`` (bfloat16 / float16) runs the forward under autocast
-    and ``loss_scale`` scales the backward pass (see the module docstring). The defaults
-    compute exactly as before these options existed.
+    and ``loss_scale`` scales the backward pass (see the module docstring). ``measure``
+    (``m(outputs, batch) -> [B]``, :mod:`.measure`) replaces each example's loss ``L_b`` as
+    the quantity differentiated (``losses`` then holds its values); ``batch`` is the padded
+    batch on the model's device. The defaults compute exactly as before these options existed.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -334,7 +337,11 @@ def compute_features(model, encoded: Sequence[Encoded], pad_id: int, *, grads: b
                 with _autocast(device, autocast_dtype):
                     out = model(**inputs, output_hidden_states=reps, use_cache=False)
                 if backward:
-                    batch_losses = sequence_losses(out.logits, labels)
+                    if measure is None:
+                        batch_losses = sequence_losses(out.logits, labels)
+                    else:
+                        batch_losses = measure(out, {**inputs, "labels": labels,
+                                                     "last_prompt_index": batch["last_prompt_index"].to(device)})
                     # S = sum_b L_b: its gradient w.r.t. example b's tokens is dL_b/d(tokens of b).
                     total = batch_losses.sum() if loss_scale == 1.0 else batch_losses.sum() * loss_scale
                     torch.autograd.grad(total, params, allow_unused=True)

@@ -5,7 +5,8 @@ One self-contained safetensors file per split (``train`` / ``test``) and compone
 * ``{split}.grads.safetensors``: tensors ``grads/<block>`` ``[n, rows, cols]`` (``[n, 1, k_l]``
   for projected gradients, see :mod:`.projection`);
 * ``{split}.reps.safetensors``: tensor ``reps`` ``[n, hidden]``;
-* ``{split}.kfac.safetensors``: tensors ``kfac/<block>/input_cov`` and ``.../grad_cov``.
+* ``{split}.kfac.safetensors``: tensors ``kfac/<block>/input_cov`` and ``.../grad_cov``;
+* ``{split}.repgrads.safetensors``: tensor ``repgrads`` ``[n, 3, hidden]`` (RepT, :mod:`.rep_grads`).
 
 Each file's safetensors metadata holds the cache ``key``, the example ``ids`` and block
 order (JSON), the extraction ``arguments`` and ``seconds``, and a SHA-256 ``checksum`` of
@@ -67,7 +68,7 @@ from .types import Features, KFACFactors
 
 FORMAT = "llm-influence-features"
 FORMAT_VERSION = 1
-COMPONENTS = ("grads", "reps", "kfac")
+COMPONENTS = ("grads", "reps", "kfac", "repgrads")
 SPLITS = ("train", "test")
 
 
@@ -334,8 +335,8 @@ def _pack(component: str, payload: Any) -> tuple[dict[str, torch.Tensor], dict[s
     if component == "grads":
         tensors = {f"grads/{b}": g.detach().cpu().contiguous() for b, g in payload.items()}
         return tensors, {"blocks": json.dumps(list(payload))}
-    if component == "reps":
-        return {"reps": payload.detach().cpu().contiguous()}, {}
+    if component in ("reps", "repgrads"):
+        return {component: payload.detach().cpu().contiguous()}, {}
     if component == "kfac":
         tensors: dict[str, torch.Tensor] = {}
         n_tokens = {}
@@ -362,6 +363,11 @@ def _unpack(component: str, tensors: dict[str, torch.Tensor], meta: dict[str, st
         if reps.dim() != 2 or reps.shape[0] != n:
             raise ValueError(f"reps shaped {tuple(reps.shape)}, expected [{n}, hidden]")
         return reps
+    if component == "repgrads":
+        rg = tensors["repgrads"]
+        if rg.dim() != 3 or rg.shape[0] != n:
+            raise ValueError(f"repgrads shaped {tuple(rg.shape)}, expected [{n}, 3, hidden]")
+        return rg
     blocks = json.loads(meta["blocks"])
     n_tokens = json.loads(meta["n_tokens"])
     return {b: KFACFactors(input_cov=tensors[f"kfac/{b}/input_cov"], grad_cov=tensors[f"kfac/{b}/grad_cov"],
@@ -483,6 +489,7 @@ def load_features(folder: str | Path, split: str, keys: dict[str, Optional[str]]
         grads=loaded["grads"].payload if "grads" in loaded else {},
         reps=loaded["reps"].payload if "reps" in loaded else None,
         kfac=loaded["kfac"].payload if "kfac" in loaded else None,
+        repgrads=loaded["repgrads"].payload if "repgrads" in loaded else None,
     )
     return features, missing
 

@@ -8,6 +8,9 @@ Shapes and conventions (the contract between ``features/`` and ``methods/``):
   ``model.layers.3.self_attn.q_proj.lora_A`` (``rows x cols`` = ``r x in_features``) or
   ``...lora_B`` (``out_features x r``). Dot products use the flattened ``rows*cols`` vector.
 * ``reps``: ``[n, hidden]`` representations (RepSim input), or None.
+* ``repgrads``: ``[n, 3, hidden]`` RepT signatures at hidden state ``repgrads_layer``
+  (:mod:`.rep_grads`: the hidden state at the last prompt token and the loss gradient
+  w.r.t. the hidden states at the last prompt token and the first response token), or None.
 * ``kfac[block]``: Kronecker factors for EK-FAC, or None: the uncentred covariance of the
   block's input activations ``[cols, cols]`` and of the gradients w.r.t. its outputs
   ``[rows, rows]``, both averaged over supervised tokens, with gradients taken of each
@@ -17,12 +20,15 @@ Shapes and conventions (the contract between ``features/`` and ``methods/``):
 * ``hvp``: for methods that need the true Hessian, a callable mapping a dict of tensors
   shaped like ``grads[block][0]`` to the Hessian-vector product of the mean training loss
   (same structure), or None.
+* ``optimizer``: for the optimizer-aware methods (``trackstar``, ``less``), the AdamW
+  moments the checkpoint saved, by block (:class:`~llm_influence.features.optimizer.AdamMoments`),
+  or None (shared by every row, like ``kfac``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -46,6 +52,9 @@ class Features:
     kfac: Optional[dict[str, KFACFactors]] = None
     history: list[tuple[float, "Features"]] = field(default_factory=list)
     hvp: Optional[HVP] = None
+    repgrads: Optional[torch.Tensor] = None
+    repgrads_layer: Optional[int] = None
+    optimizer: Optional[Any] = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -54,6 +63,8 @@ class Features:
                 raise ValueError(f"grads[{name!r}] must be [n={n}, rows, cols], got {tuple(g.shape)}")
         if self.reps is not None and (self.reps.dim() != 2 or self.reps.shape[0] != n):
             raise ValueError(f"reps must be [n={n}, hidden], got {tuple(self.reps.shape)}")
+        if self.repgrads is not None and (self.repgrads.dim() != 3 or self.repgrads.shape[0] != n):
+            raise ValueError(f"repgrads must be [n={n}, 3, hidden], got {tuple(self.repgrads.shape)}")
 
     @property
     def n(self) -> int:
@@ -82,4 +93,7 @@ class Features:
             kfac=self.kfac,
             history=[(w, f.select(idx)) for w, f in self.history],
             hvp=self.hvp,
+            repgrads=None if self.repgrads is None else self.repgrads[idx],
+            repgrads_layer=self.repgrads_layer,
+            optimizer=self.optimizer,
         )

@@ -16,6 +16,10 @@ returning ``[n_test, n_train]`` float64 scores on the device of the training gra
 | ``ekfac`` | :mod:`.ekfac` | EK-FAC with eigenvalue correction |
 | ``tracin`` | :mod:`.tracin` | learning-rate-weighted gradient dots over checkpoints |
 | ``projected`` | :mod:`.projected` | joint ``(P G P^T + lambda I)^{-1}`` in a random-projection space |
+| ``rept`` | :mod:`.rept` | cosine of RepT signatures (hidden state + its loss gradient at one layer) |
+| ``dra`` | :mod:`.dra` | cosine of centred, whitened, dimension-selected representations |
+| ``trackstar`` | :mod:`.trackstar` | cosine of Adam-second-moment-corrected gradients through ``R^(-1/2)`` (mixed train/test ``R``) |
+| ``less`` | :mod:`.trackstar` | learning-rate-weighted cosine of the Adam update direction with the test gradient, over checkpoints |
 
 Each method declares its typed ``Arguments`` (:mod:`.arguments`), the features it needs and
 its :class:`Scoring` (see :class:`Method`). Damping (:mod:`.damping`), the exact solves
@@ -23,6 +27,8 @@ its :class:`Scoring` (see :class:`Method`). Damping (:mod:`.damping`), the exact
 """
 
 from . import datainf, ekfac, exact, exact_full, gradsim, lissa, lissa_paper, projected, repsim, tracin  # noqa: F401  (registration)
+from . import dra, rept  # noqa: F401  (registration; methods after the paper)
+from . import trackstar  # noqa: F401  (registration: trackstar and less)
 from .arguments import MethodArguments, NoArguments, argument, positive_float, positive_int
 from .base import (SCORE_CONVENTION, Method, Scoring, available_methods, get_method_class, implementation_digest,
                    make_method, method_fields, method_parameters, register)

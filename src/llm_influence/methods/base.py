@@ -60,8 +60,9 @@ class Method(ABC):
       :class:`~llm_influence.errors.UserError` naming the method and field) and stores it
       as ``self.args``;
     * ``needs``: the feature fields used, any of ``grads``, ``reps``, ``kfac``, ``history``,
-      ``hvp`` (override :meth:`required_features` when they depend on the arguments);
-    * ``scoring``: a :class:`Scoring`; ``PRECONDITIONED`` methods implement :meth:`solve`.
+      ``hvp``, ``repgrads`` (override :meth:`required_features` when they depend on the arguments);
+    * ``scoring``: a :class:`Scoring`; ``PRECONDITIONED`` methods implement :meth:`solve`;
+    * optionally :meth:`feature_options`: extraction settings its arguments determine.
 
     Then ``fit(train)`` once and ``score(test)``. The engine computes only the features
     the chosen methods need and uses nothing but these declarations.
@@ -94,6 +95,12 @@ class Method(ABC):
     def required_features(self) -> frozenset[str]:
         """The feature fields this instance needs (``needs`` unless the arguments change it)."""
         return frozenset(self.needs)
+
+    def feature_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~llm_influence.features.extract.extract_features` that
+        this instance's arguments set (RepT: ``{"rep_grads": RepGradSpec(...)}``); none by
+        default. The engine passes them on without knowing the method."""
+        return {}
 
     def arguments(self) -> dict[str, Any]:
         """The method's arguments, recorded next to its scores."""

@@ -64,10 +64,15 @@ METHOD_LABELS: dict[str, str] = {
     "tracin": "TracIn",
     "gradsim-cos": "GradSim (cosine)",
     "projected": "Projected",
+    "rept": "RepT",
+    "dra": "DRA",
+    "trackstar": "TrackStar",
+    "less": "LESS",
 }
 
 #: Methods beyond the paper's four, in the order the report lists them.
-EXTRA_METHOD_ORDER: tuple[str, ...] = ("exact", "exact-full", "ekfac", "tracin", "gradsim-cos", "projected")
+EXTRA_METHOD_ORDER: tuple[str, ...] = ("exact", "exact-full", "ekfac", "tracin", "gradsim-cos", "projected", "rept",
+                                        "dra", "trackstar", "less")
 
 #: The paper's tables in the report's order.
 TABLE_ORDER: tuple[int, ...] = (2, 3, 4)
