@@ -36,6 +36,14 @@ def require_grads(method: str, features: Features, role: str) -> None:
         raise UserError(f"{method}: the {role} features have no per-example gradients (grads)")
 
 
+def reps_of(method: str, features: Features, role: str) -> torch.Tensor:
+    """``features.reps`` (``[n, hidden]``) in float64, or a user error naming ``method`` and
+    ``role`` (``"training"``/``"test"``) when the features have no representations."""
+    if features.reps is None:
+        raise UserError(f"{method}: the {role} features have no representations (reps)")
+    return features.reps.to(DTYPE)
+
+
 def check_compatible(method: str, train: Features, test: Features) -> None:
     """Test and training features must have the same blocks with the same shapes."""
     require_grads(method, test, "test")

@@ -59,7 +59,7 @@ import torch
 
 from ..errors import UserError
 from ..features.types import Features
-from ._common import DTYPE
+from ._common import DTYPE, reps_of
 from .arguments import ArgumentError, MethodArguments, argument, positive_float, positive_int
 from .base import Method, Scoring, register
 from .gradsim import safe_cosine
@@ -140,13 +140,8 @@ class DRA(Method):
     Arguments = DRAArguments
     scoring = Scoring.WHOLE
 
-    def _reps(self, features: Features, role: str) -> torch.Tensor:
-        if features.reps is None:
-            raise UserError(f"{self.name}: the {role} features have no representations (reps)")
-        return features.reps.to(DTYPE)
-
     def fit(self, train: Features) -> "DRA":
-        reps = self._reps(train, "training")
+        reps = reps_of(self.name, train, "training")
         n = reps.shape[0]
         if n == 0:
             raise UserError(f"{self.name}: no training examples")
@@ -190,7 +185,7 @@ class DRA(Method):
 
     def score(self, test: Features) -> torch.Tensor:
         self.train  # noqa: B018 -- raises if fit() was not called
-        reps = self._reps(test, "test")
+        reps = reps_of(self.name, test, "test")
         if reps.shape[1] != self.mu.shape[0]:
             raise UserError(f"{self.name}: test representations have {reps.shape[1]} dimensions, "
                             f"training ones {self.mu.shape[0]}")

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..features.types import Features
-from ._common import DTYPE
+from ._common import reps_of
 from .base import Method, Scoring, register
 from .gradsim import safe_cosine
 
@@ -26,13 +26,8 @@ class RepSim(Method):
     needs = frozenset({"reps"})
     scoring = Scoring.SEPARABLE
 
-    def _reps(self, features: Features, role: str) -> torch.Tensor:
-        if features.reps is None:
-            raise UserError(f"{self.name}: the {role} features have no representations (reps)")
-        return features.reps.to(DTYPE)
-
     def fit(self, train: Features) -> "RepSim":
-        reps = self._reps(train, "training")
+        reps = reps_of(self.name, train, "training")
         self._train = train
         self._train_reps = reps
         self._train_norms = torch.linalg.vector_norm(reps, dim=1)
@@ -40,7 +35,7 @@ class RepSim(Method):
 
     def score(self, test: Features) -> torch.Tensor:
         self.train  # noqa: B018 -- raises if fit() was not called
-        reps = self._reps(test, "test").to(self._train_reps.device)
+        reps = reps_of(self.name, test, "test").to(self._train_reps.device)
         if reps.shape[1] != self._train_reps.shape[1]:
             raise UserError(f"{self.name}: test representations have {reps.shape[1]} dimensions, "
                             f"training ones {self._train_reps.shape[1]}")
