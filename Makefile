@@ -2,7 +2,8 @@
 #                               every paper method, report and explorer -> runs/demo)
 #               make test       (set up, then run the test suite)
 #               make reproduce  (every number, table and figure of the README and results/cpu:
-#                               all tasks, 3 seeds for mixed-small and backdoor-1, every study -> results/cpu)
+#                               all tasks, 3 seeds for mixed-small and backdoor-1, every study -> results/cpu;
+#                               hours on 2 cores, resumable: run it again after an interruption)
 # The data directory: DATA=/path, else $LLM_INFLUENCE_DATA, else ../shared/data if it exists,
 # else ./data -- which `make demo`/`make reproduce` fill with `llm-influence data fetch`
 # (downloaded from the pinned upstream commits and verified) when it does not exist yet.
@@ -39,10 +40,14 @@ demo: data
 	$(BIN)/llm-influence reproduce --profile cpu --tasks mixed-small,backdoor-1 --studies '' --out runs/demo
 
 # Regenerates results/cpu (keep the command in step with README "Results"); the runs stay in runs/cpu.
+# The paper's methods and those the field moved to (issue 16). Interrupted, it resumes: finished
+# fine-tunes, scores, features and counterfactual retrains are reused (keyed by their inputs and code).
+REPRODUCE_METHODS := datainf,lissa-paper,lissa,gradsim,repsim,exact,rept,dra,trackstar,less
 reproduce: data
-	$(BIN)/llm-influence reproduce --profile cpu --seeds 3 --seed-tasks mixed-small,backdoor-1 --out runs/cpu
+	$(BIN)/llm-influence reproduce --profile cpu --seeds 3 --seed-tasks mixed-small,backdoor-1 \
+	  --methods $(REPRODUCE_METHODS) --out runs/cpu
 	mkdir -p results/cpu && find results/cpu -mindepth 1 ! -name report-screenshot.png -delete
-	tar -C runs/cpu --exclude=./runs -cf - . | tar -C results/cpu -xf -
+	tar -C runs/cpu --exclude=./runs --exclude=./counterfactual-cache -cf - . | tar -C results/cpu -xf -
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -130,3 +130,24 @@ def test_missing_scores_equal_the_attribute_stage_and_acc_cover_its_evaluation(s
         assert torch.equal(ours, theirs), m
         e = t["methods"][m]
         assert (e["acc"], e["cover"]) == (metrics[m]["acc"], metrics[m]["cover"])
+
+
+def test_a_rerun_reads_every_subset_retrain_from_the_cache(smoke, tmp_path, data_dir):
+    """Run again on a copy of the study's folder (runs, scores, retrain cache): every LDS,
+    noise and leave-out retrain is a cache hit, the losses and LDS are bitwise the first
+    run's, and the recorded retrain seconds are the first run's measured ones."""
+    import shutil
+
+    out, record = smoke
+    copy = tmp_path / "again"
+    shutil.copytree(out, copy)
+    run_study("counterfactual", "smoke", copy, data_dir=data_dir, tasks="mixed-small", n_tail_tests=0,
+              check_full_mask=False)
+    t_new = json.loads((copy / "counterfactual.json").read_text())["data"]["tasks"][0]
+    t_old = record["data"]["tasks"][0]
+    assert t_new["cost"]["retrains_from_cache"] == t_new["cost"]["retrains"] == t_old["cost"]["retrains"] > 0
+    assert t_new["cost"]["retrain_seconds"] == t_old["cost"]["retrain_seconds"]
+    assert t_new["lds"]["losses"] == t_old["lds"]["losses"] and t_new["lds"]["noise_losses"] == t_old["lds"]["noise_losses"]
+    assert t_new["leave_top_k_out"]["retrains"] == t_old["leave_top_k_out"]["retrains"]
+    for m, e in t_old["methods"].items():
+        assert t_new["methods"][m]["lds"] == e["lds"]

@@ -156,6 +156,27 @@ def _feature_options(methods: list[Method]) -> dict[str, Any]:
     return out
 
 
+def features_for(run: RunDir, checkpoint: str, methods: list[Method], args: AttributeArgs) -> tuple[Features, Features]:
+    """The training and test features ``methods`` need at ``checkpoint`` under ``args``'s
+    extraction settings (batch size, dtype, representation layer and pooling, chunking,
+    projection, measurement, plus the methods' own :meth:`Method.feature_options`), from the
+    run's feature cache or extracted into it; with the per-checkpoint history (TracIn) when a
+    method needs it. The one place the attribute stage and the studies get features from."""
+    needs = _needs(methods)
+    feature_needs = needs & {"grads", "reps", "kfac", "repgrads"}
+    dtype = DTYPES[args.dtype]
+    common = dict(batch_size=args.extract_batch_size, dtype=dtype, rep_layer=args.rep_layer,
+                  rep_pooling=args.rep_pooling, force=args.force, chunk_size=args.chunk_size,
+                  projection=args.projection(), trust_remote_code=args.trust_remote_code,
+                  **_feature_options(methods))
+    train = extract_features(run, checkpoint, "train", need=feature_needs | ({"hvp", "optimizer"} & needs), **common)
+    test = extract_features(run, checkpoint, "test", need=feature_needs - {"kfac"}, measurement=args.measurement(),
+                            **common)
+    if "history" in needs:
+        _attach_history(run, checkpoint, train, test, args, dtype, optimizer="optimizer" in needs)
+    return train, test
+
+
 def _lr_per_epoch(run: RunDir) -> dict[int, float]:
     """Mean learning rate of each epoch's optimiser steps (TracIn's checkpoint weights)."""
     from .training.log import read_train_log
@@ -294,20 +315,9 @@ def attribute(run_path: str | Path, args: AttributeArgs) -> list[MethodResult]:
                 todo.append((name, key, path))
         if not todo:
             continue
-        needs = _needs([chosen[t[0]] for t in todo])
-        feature_needs = needs & {"grads", "reps", "kfac", "repgrads"}
         t0 = time.time()
-        common = dict(batch_size=args.extract_batch_size, dtype=dtype, rep_layer=args.rep_layer,
-                      rep_pooling=args.rep_pooling, force=args.force, chunk_size=args.chunk_size,
-                      projection=projection, trust_remote_code=args.trust_remote_code,
-                      **_feature_options([chosen[t[0]] for t in todo]))
-        train = extract_features(run, checkpoint, "train", need=feature_needs | ({"hvp", "optimizer"} & needs),
-                                 **common)
-        test = extract_features(run, checkpoint, "test", need=feature_needs - {"kfac"}, measurement=measurement,
-                                **common)
+        train, test = features_for(run, checkpoint, [chosen[t[0]] for t in todo], args)
         feature_seconds = time.time() - t0
-        if "history" in needs:
-            _attach_history(run, checkpoint, train, test, args, dtype, optimizer="optimizer" in needs)
         for name, key, path in todo:
             method = make_method(name, **dict(args.method_args.get(name, {})))  # a fresh instance per checkpoint
             log(f"{name} ({checkpoint}): fitting on {train.n} training examples, scoring {test.n} test examples")

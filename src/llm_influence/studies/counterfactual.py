@@ -31,6 +31,12 @@ Per task (default ``mixed-small`` and ``backdoor-1``), on the run of the profile
 5. tail-patch on ``n_tail_tests`` sampled test examples (seed ``sample_seed + 2``), against
    ``tail_random`` random k-sets.
 
+Every subset retrain is kept in ``OUT/counterfactual-cache/TASK/KEY.json`` (option
+``retrain_cache``, :mod:`~llm_influence.training.retrain_cache`; the key covers the run,
+its initial adapter, the harness's code, torch's version and thread count, the mask and the
+seed), so a study that was interrupted, or run again, only retrains what is missing; the
+cost figures are the seconds each retrain took when it ran.
+
 ``check_full_mask`` (smoke default) also retrains the full mask and records whether the
 adapter equals the run's final checkpoint bitwise and the test losses equal the final
 adapter's.
@@ -96,16 +102,21 @@ from ..progress import log
 from ..rundir import RunDir
 from ..training.log import read_train_log
 from ..training.retrain import LoraRetrainer, retrain_masks
+from ..training.retrain_cache import CachedRetrainer
 from .base import (StudyResult, fmt, markdown_table, new_figure, register_study, resolve_options, save_figure,
                    with_interval)
 from .llm_runs import LLM_STUDY_DEFAULTS, method_spec, profile_task_run, run_tasks
 
 NAME = "counterfactual"
 TASKS = ("mixed-small", "backdoor-1")
-METHODS = ("datainf", "lissa", "lissa-paper", "gradsim", "repsim", "exact", "ekfac")
+METHODS = ("datainf", "lissa", "lissa-paper", "gradsim", "repsim", "exact", "ekfac", "tracin", "rept", "dra",
+           "trackstar", "less")
 LABELS = {"datainf": "DataInf", "lissa": "LiSSA", "lissa-paper": "LiSSA (authors')", "gradsim": "GradSim",
           "gradsim-cos": "GradSim (cos)", "repsim": "RepSim", "exact": "Exact", "exact-full": "Exact (full)",
-          "ekfac": "EK-FAC", "tracin": "TracIn", "projected": "Projected"}
+          "ekfac": "EK-FAC", "tracin": "TracIn", "projected": "Projected", "rept": "RepT", "dra": "DRA",
+          "trackstar": "TrackStar", "less": "LESS"}
+#: ``OUT/CACHE_FOLDER/TASK/``: one JSON file per retrain (:mod:`~llm_influence.training.retrain_cache`)
+CACHE_FOLDER = "counterfactual-cache"
 #: seconds per example-epoch of training and per test forward used by the docstring's table
 EXAMPLE_EPOCH_S = 0.65
 EVAL_S = 0.15
@@ -113,7 +124,7 @@ EVAL_S = 0.15
 
 def _defaults(profile: str) -> dict[str, Any]:
     common = {"tasks": TASKS, "methods": METHODS, "alpha": 0.5, "sample_seed": 0, "noise_seed": -1,
-              "compute_missing": True, **LLM_STUDY_DEFAULTS}
+              "compute_missing": True, "retrain_cache": True, **LLM_STUDY_DEFAULTS}
     if profile == "smoke":
         return {**common, "masks": 4, "noise_masks": 2, "topk_fractions": (0.1,), "leave_out_tasks": ("mixed-small",),
                 "n_leave_out_tests": 2, "leave_out_random": 1, "n_tail_tests": 2, "tail_random": 2,
@@ -220,9 +231,8 @@ def compute_scores(run: RunDir, checkpoint: str, names: Sequence[str], opts: dic
     import torch
     from safetensors.torch import save_file
 
-    from ..attribute import _attach_history, build_methods, score_matrix
+    from ..attribute import build_methods, features_for, score_matrix
     from ..features import store as feature_store
-    from ..features.extract import DTYPES, extract_features
     from ..io_utils import atomic_path
     from ..methods import SCORE_CONVENTION, implementation_digest
 
@@ -254,17 +264,7 @@ def compute_scores(run: RunDir, checkpoint: str, names: Sequence[str], opts: dic
     if not todo:
         return out
     log(f"{NAME}: scoring {', '.join(n for n, _, _ in todo)} at {checkpoint} (not in the run; written to {folder})")
-    needs: set[str] = set()
-    for name, _, _ in todo:
-        needs |= set(methods[name].required_features())
-    dtype = DTYPES[args.dtype]
-    kw = dict(batch_size=args.extract_batch_size, dtype=dtype, rep_layer=args.rep_layer, rep_pooling=args.rep_pooling,
-              chunk_size=args.chunk_size, projection=args.projection())
-    feature_needs = needs & {"grads", "reps", "kfac"}
-    train = extract_features(run, checkpoint, "train", need=feature_needs | ({"hvp"} & needs), **kw)
-    test = extract_features(run, checkpoint, "test", need=feature_needs - {"kfac"}, **kw)
-    if "history" in needs:
-        _attach_history(run, checkpoint, train, test, args, dtype)
+    train, test = features_for(run, checkpoint, [methods[name] for name, _, _ in todo], args)
     folder.mkdir(parents=True, exist_ok=True)
     for name, key, path in todo:
         method = methods[name]
@@ -322,6 +322,9 @@ def run_task(task_name: str, profile: str, out_dir: Path, data_dir: Optional[Pat
     relevant = relevance_from_task(task)
 
     retrainer = LoraRetrainer(tr.run.path)
+    # every subset retrain goes through the cache, so an interrupted study resumes; the
+    # full-mask check below retrains for real (it compares the adapter itself)
+    cached = CachedRetrainer(retrainer, out_dir / CACHE_FOLDER / task_name) if opts["retrain_cache"] else retrainer
     leave_out = task_name in tuple(opts["leave_out_tasks"])
     measured = measured_example_epoch_seconds(tr.run, n_train)
     est = estimate_seconds(n_train, n_test, retrainer.epochs, opts, len(scores), leave_out=leave_out,
@@ -338,11 +341,10 @@ def run_task(task_name: str, profile: str, out_dir: Path, data_dir: Optional[Pat
 
     # LDS and its noise ceiling
     masks = random_masks(n_train, int(opts["masks"]), float(opts["alpha"]), sample_seed)
-    t0 = time.perf_counter()
-    losses = retrain_masks(retrainer, masks)
-    lds_seconds = time.perf_counter() - t0
+    losses = retrain_masks(cached, masks)
+    lds_seconds = sum(cached.retrain_seconds)  # measured seconds, also for retrains read from the cache
     noise_idx = list(range(int(opts["noise_masks"])))
-    noise_losses = retrain_masks(retrainer, masks[noise_idx], noise_seed) if noise_idx else np.zeros((0, n_test))
+    noise_losses = retrain_masks(cached, masks[noise_idx], noise_seed) if noise_idx else np.zeros((0, n_test))
     ceiling = noise_ceiling(losses[noise_idx], noise_losses).to_dict() if noise_idx else None
 
     methods: dict[str, Any] = {}
@@ -359,12 +361,12 @@ def run_task(task_name: str, profile: str, out_dir: Path, data_dir: Optional[Pat
         plan = plan_removals(scores, sample_tests(n_test, n_lo, sample_seed + 1), ks, int(opts["leave_out_random"]),
                              sample_seed + 3)
         log(f"{NAME}: {task_name}: leave-top-k-out, {len(plan.unique)} distinct removals")
-        t0 = time.perf_counter()
-        removal_losses = retrain_masks(retrainer, np.stack([without(n_train, rows) for rows in plan.unique]))
+        before = len(cached.retrain_seconds)
+        removal_losses = retrain_masks(cached, np.stack([without(n_train, rows) for rows in plan.unique]))
         leave = {**leave_top_k_out(plan, dict(zip(plan.unique, removal_losses)), base_losses),
                  "retrains": [{"removed": list(rows), "losses": removal_losses[i].tolist()}
                               for i, rows in enumerate(plan.unique)],
-                 "seconds": time.perf_counter() - t0}
+                 "seconds": sum(cached.retrain_seconds[before:])}
 
     tail = None
     n_tail = min(int(opts["n_tail_tests"]), n_test)
@@ -387,7 +389,8 @@ def run_task(task_name: str, profile: str, out_dir: Path, data_dir: Optional[Pat
         "methods": methods, "leave_top_k_out": leave, "tail_patch": tail, "full_mask_check": check,
         "cost": {"seconds_per_half_retrain": lds_seconds / len(masks),
                  "seconds_per_example_epoch": lds_seconds / (len(masks) * half * retrainer.epochs),
-                 "retrains": len(retrainer.retrain_seconds), "retrain_seconds": sum(retrainer.retrain_seconds),
+                 "retrains": len(cached.retrain_seconds), "retrain_seconds": sum(cached.retrain_seconds),
+                 "retrains_from_cache": getattr(cached, "hits", 0),
                  "seconds_per_leave_out_retrain": leave["seconds"] / len(leave["retrains"]) if leave else None,
                  "tail_patch_seconds": tail["seconds"] if tail else None,
                  "measured_finetune_seconds_per_example_epoch": measured, "estimate": est,
@@ -534,7 +537,9 @@ def counterfactual_study(profile: str, out_dir: Path, data_dir: Optional[Path], 
     scores files present are added), ``masks`` (M), ``alpha``, ``noise_masks``,
     ``noise_seed`` (-1 = run seed + 1), ``sample_seed``, ``topk_fractions``,
     ``leave_out_tasks``, ``n_leave_out_tests``, ``leave_out_random``, ``n_tail_tests``,
-    ``tail_random``, ``check_full_mask``, and the LLM studies' ``damping_ratio``,
+    ``tail_random``, ``check_full_mask``, ``retrain_cache`` (keep every subset retrain in
+    ``OUT/counterfactual-cache/TASK/`` and reuse it, so an interrupted study resumes), and
+    the LLM studies' ``damping_ratio``,
     ``rank_by``, ``extract_batch_size``, ``runs``.
     """
     opts = resolve_options(NAME, options, _defaults(profile))

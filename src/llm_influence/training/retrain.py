@@ -269,6 +269,21 @@ class LoraRetrainer:
     def n_test(self) -> int:
         return len(self.test_enc)
 
+    def identity(self) -> dict[str, Any]:
+        """What determines a retrain's result besides its mask and seed (the key of
+        :class:`~llm_influence.training.retrain_cache.CachedRetrainer`): the run's fine-tuning
+        configuration and examples, its initial checkpoint's files, the epochs trained, the
+        harness's source digest, the torch version and thread count."""
+        from ..io_utils import sha256_file
+        from ..methods.base import implementation_digest
+
+        start = self.run.checkpoint(0)
+        return {"finetune": self.run.config()["finetune"], "train_ids": self.train_ids, "test_ids": self.test_ids,
+                "initial": {name: sha256_file(start / name) for name in ("adapter_model.safetensors", OPTIMIZER_FILE)},
+                "final_checkpoint": self.final_checkpoint, "epochs": self.epochs,
+                "code": implementation_digest(type(self)), "torch": torch.__version__,
+                "threads": torch.get_num_threads()}
+
     # -- state ----------------------------------------------------------------------------
     def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
