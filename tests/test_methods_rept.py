@@ -381,3 +381,43 @@ def test_measurement_gradient_under_measure(run, tmp_path):
     torch.testing.assert_close(test.repgrads[:, 0], plain.repgrads[:, 0])  # the same prompt, the same h_p
     train = extract_features(rd, "epoch-1", "train", need={"repgrads"}, **spec)
     torch.testing.assert_close(scores, make_method("rept", layer=1).fit(train).score(test), rtol=0, atol=0)
+
+
+def test_explorer_token_view_equals_brute_force_and_is_cached(run, tmp_path, monkeypatch):
+    """The explorer's RepT entries carry, for every listed training example, its best tokens
+    against the selected test example: the same cosines as scoring every token by hand, and
+    a second page build reads them from the cache beside the scores file."""
+    from llm_influence import token_attribution
+    from llm_influence.report.html import extract_payload, write_html_report
+    from llm_influence.training.load import load_finetuned
+
+    attribute(run, AttributeArgs(methods=("rept", "repsim")))
+    html = write_html_report(tmp_path, [run], top_k=3, html_path=tmp_path / "page.html", tokens=2)
+    task_payload = extract_payload(html.read_text())["tasks"][0]
+    methods = {m["name"]: m for m in task_payload["checkpoints"][0]["methods"]}
+    assert "topk_tokens" not in methods["repsim"]
+    entry = methods["rept"]
+    rd = RunDir(run)
+    model, formatter, _ = load_finetuned(rd, "epoch-1")
+    pad = formatter.tokenizer.pad_token_id
+    task = rd.load_task()
+    method = make_method("rept")
+    for i, row in enumerate(entry["topk"]):
+        s_test = representation_gradients(model, [formatter.encode(task.test[i])], pad, layer=1,
+                                          description=None).signatures[0]
+        for r, j in enumerate(row):
+            t = token_signatures(model, [formatter.encode(task.train[j])], pad, layer=1)[0]
+            all_scores = method.token_scores(s_test, t.hidden, t.grads).numpy()
+            best = np.argsort(-all_scores, kind="stable")[:2]
+            shown = entry["topk_tokens"][i][r]
+            assert [x["position"] for x in shown] == [t.positions[b] + 1 for b in best]
+            np.testing.assert_allclose([x["score"] for x in shown], all_scores[best], rtol=1e-5, atol=1e-7)
+    assert (run / "scores" / "epoch-1" / token_attribution.EXPLORER_FILE).is_file()
+
+    def no_model(*a, **k):
+        raise AssertionError("the cached token view was recomputed")
+
+    monkeypatch.setattr(token_attribution, "top_tokens", no_model)
+    again = write_html_report(tmp_path, [run], top_k=3, html_path=tmp_path / "again.html", tokens=2)
+    methods2 = {m["name"]: m for m in extract_payload(again.read_text())["tasks"][0]["checkpoints"][0]["methods"]}
+    assert methods2["rept"]["topk_tokens"] == entry["topk_tokens"]

@@ -482,7 +482,8 @@ def cmd_report(ns: argparse.Namespace) -> int:
         raise UserError("give --from DIR (a reproduce output) or --runs RUN [RUN ...]")
     if ns.source is None and ns.html is None:
         raise UserError("--runs: give --html PATH for the page (there is no --from DIR to write it into)")
-    path = write_html_report(ns.source or Path(ns.html).parent, ns.runs, top_k=ns.top_k, html_path=ns.html)
+    path = write_html_report(ns.source or Path(ns.html).parent, ns.runs, top_k=ns.top_k, html_path=ns.html,
+                             tokens=ns.tokens)
     print(f"report: {path} ({path.stat().st_size / 1e6:.2f} MB); open it in a browser (works offline)")
     return 0
 
@@ -670,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", metavar="RUN", help="explicit run directories instead of DIR/runs/*")
     p.add_argument("--top-k", type=int, default=10, help="training examples listed per test example (default 10)")
     p.add_argument("--html", metavar="PATH", help="write the page here instead of DIR/report.html")
+    p.add_argument("--tokens", type=int, default=0, metavar="N",
+                   help="RepT's token view: the N best tokens of each listed training example against the selected "
+                        "test example (runs with rept scores; one model pass per run, cached; default 0 = off)")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -358,45 +358,24 @@ def top_influencers(scores: Any, train: Sequence[Example], top: int,
 
 def attach_token_attribution(run: RunDir, train: Sequence[Example], rows_per_query: Sequence[list[Influencer]],
                              n_tokens: int, *, batch_size: int = 8, trust_remote_code: bool = False) -> None:
-    """RepT's token-level attribution (:meth:`llm_influence.methods.rept.RepT.token_scores`)
-    for the listed RepT influencers of every query (``rows_per_query[i]``, in place): each
-    gets ``tokens``, its ``n_tokens`` highest-scoring tokens ``{"position": token index in
-    the training example's tokenized prompt + response, "token": its text, "score":
-    cos(s_query, [h_q ; dL/dh_q])}`` (ties in position order). The query signatures are the
-    ones the sample scores used (the query run's cached features, same layer and
-    arguments); the training tokens come from one batched pass over the listed examples."""
-    from .features.extract import extract_features
-    from .features.rep_grads import token_signatures
-    from .methods import make_method
-    from .training.load import load_finetuned
+    """RepT's token-level attribution (:mod:`llm_influence.token_attribution`) for the listed
+    RepT influencers of every query (``rows_per_query[i]``, in place): each gets ``tokens``,
+    its ``n_tokens`` highest-scoring tokens ``{"position": token index in the training
+    example's tokenized prompt + response, "token": its text, "score": cos(s_query,
+    [h_q ; dL/dh_q])}`` (ties in position order). The query signatures are the ones the
+    sample scores used (the query run's cached features, same layer, arguments and
+    measurement); the training tokens come from one batched pass over the listed examples."""
+    from .token_attribution import test_signatures, top_tokens
 
     _, meta = read_scores(run.scores_dir(CHECKPOINT) / "rept.safetensors")
-    method = make_method("rept", **meta["arguments"])
-    measure = meta.get("measure") or {}
-    measurement = None
-    if measure.get("name") not in (None, "loss"):  # the query signatures the scores used (--measure)
-        from .features.measure import parse_measure
-
-        measurement = parse_measure(measure["name"] + ("" if measure.get("argument") is None
-                                                       else f":{measure['argument']}"))
-    test = extract_features(run, CHECKPOINT, "test", need={"repgrads"}, batch_size=batch_size,
-                            trust_remote_code=trust_remote_code, measurement=measurement, **method.feature_options())
+    method, test = test_signatures(run, CHECKPOINT, meta, batch_size=batch_size, trust_remote_code=trust_remote_code)
     index = {ex.id: j for j, ex in enumerate(train)}
-    wanted = sorted({index[x.id] for rows in rows_per_query for x in rows})
-    if not wanted:
-        return
-    model, formatter, _ = load_finetuned(run, CHECKPOINT, trust_remote_code=trust_remote_code)
-    tokenizer = formatter.tokenizer
-    sigs = token_signatures(model, [formatter.encode(train[j]) for j in wanted], tokenizer.pad_token_id,
-                            layer=test.repgrads_layer, batch_size=batch_size)
-    by_index = dict(zip(wanted, sigs))
+    wanted = {i: [index[x.id] for x in rows] for i, rows in enumerate(rows_per_query)}
+    found = top_tokens(run, CHECKPOINT, method, test.repgrads, test.repgrads_layer, train, wanted, n_tokens,
+                       batch_size=batch_size, trust_remote_code=trust_remote_code)
     for i, rows in enumerate(rows_per_query):
         for x in rows:
-            t = by_index[index[x.id]]
-            scores = method.token_scores(test.repgrads[i], t.hidden, t.grads).numpy()
-            best = np.argsort(-scores, kind="stable")[:n_tokens]
-            x.tokens = [{"position": t.positions[j] + 1, "token": tokenizer.decode([t.token_ids[j]]),
-                         "score": float(scores[j])} for j in best.tolist()]
+            x.tokens = found[i][index[x.id]]
 
 
 def _train_feature_files(run: RunDir) -> dict[str, float]:

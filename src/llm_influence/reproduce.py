@@ -292,6 +292,9 @@ def reproduce(profile_name: str, out_dir: str | Path, *, tasks: Optional[Sequenc
             v["markdown"].strip() for v in studies_done.values()) + "\n"
     write_text(out / "report.md", report)
     from .report.html import write_html_report
+    from .token_attribution import DEFAULT_EXPLORER_TOKENS
 
-    write_html_report(out)
+    # RepT's token view in the explorer for each task's first seed (one model pass per run)
+    write_html_report(out, tokens=DEFAULT_EXPLORER_TOKENS if "rept" in methods else 0,
+                      token_runs=[seed_run_path(out, name, 0) for name in names])
     return results

@@ -8,7 +8,10 @@ examples with full text, score, shared rank, group and ground-truth mark; the Ac
 tables with their 95 % intervals; for backdoor tasks, whether the backdoor is installed at
 each checkpoint checked (the compliance numbers of ``RUN/backdoor/epoch-N.json``, the same
 as ``results.json`` and ``report.md``; a file made from another adapter is skipped); every
-figure PNG of the output directory as a ``data:`` URI.
+figure PNG of the output directory as a ``data:`` URI. With ``tokens`` > 0, RepT's entries
+carry its token-level attribution: for each listed training example its ``tokens`` best
+tokens against the selected test example (:func:`~llm_influence.token_attribution.explorer_tokens`,
+cached beside the scores file; the page shows them under the example's text).
 
 Conventions:
 
@@ -208,8 +211,9 @@ def backdoor_payload(run: RunDir, task_name: str) -> tuple[list[dict[str, Any]],
 
 
 def run_payload(run_path: str | Path, top_k: int = DEFAULT_TOP_K, max_side: int = DEFAULT_MAX_SIDE,
-                advance=None) -> dict[str, Any]:
-    """One run directory's part of the page (see :func:`write_html_report`)."""
+                advance=None, tokens: int = 0) -> dict[str, Any]:
+    """One run directory's part of the page (see :func:`write_html_report`); ``tokens`` > 0
+    adds RepT's token view (``topk_tokens``: ``[test][rank] -> [{position, token, score}]``)."""
     run = RunDir(run_path)
     task = run.load_task()
     files = _score_files(run)
@@ -248,6 +252,11 @@ def run_payload(run_path: str | Path, top_k: int = DEFAULT_TOP_K, max_side: int 
                     checkpoints.setdefault(checkpoint, []).append(entry)
                 except ValueError as exc:   # e.g. no test example has a relevant training example
                     skipped.append(f"{path}: {exc}; not shown")
+                else:
+                    if tokens > 0 and entry["name"] == "rept":
+                        entry["topk_tokens"], problem = _token_view(run, checkpoint, entry["topk"], tokens, rank_by)
+                        if problem:
+                            skipped.append(f"{path}: token view not shown ({problem})")
         if advance:
             advance()
     backdoor, stale = backdoor_payload(run, task.name)
@@ -261,6 +270,18 @@ def run_payload(run_path: str | Path, top_k: int = DEFAULT_TOP_K, max_side: int 
         "checkpoints": [{"name": c, "methods": ms} for c, ms in checkpoints.items()],
         "skipped": skipped,
     }
+
+
+def _token_view(run: RunDir, checkpoint: str, topk: list[list[int]], tokens: int,
+                rank_by: str) -> tuple[Optional[list], Optional[str]]:
+    """RepT's token view for the page, or ``(None, reason)`` when the run cannot give it (e.g.
+    its checkpoint's adapter is not there: a copied results folder without ``runs/``)."""
+    from ..token_attribution import explorer_tokens
+
+    try:
+        return explorer_tokens(run, checkpoint, topk, tokens, rank_by=rank_by), None
+    except (UserError, OSError, KeyError, ValueError) as exc:
+        return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def find_runs(out_dir: Path, runs: Optional[Sequence[str | Path]] = None) -> list[Path]:
@@ -316,10 +337,16 @@ def figures_payload(out_dir: Path, results: dict[str, Any]) -> list[dict[str, st
 
 
 def build_payload(out_dir: str | Path, runs: Optional[Sequence[str | Path]] = None, *, top_k: int = DEFAULT_TOP_K,
-                  max_side: int = DEFAULT_MAX_SIDE) -> dict[str, Any]:
-    """The page's data (a JSON-ready dict): tasks, figures and the run summary."""
+                  max_side: int = DEFAULT_MAX_SIDE, tokens: int = 0,
+                  token_runs: Optional[Sequence[str | Path]] = None) -> dict[str, Any]:
+    """The page's data (a JSON-ready dict): tasks, figures and the run summary. ``tokens``:
+    RepT's token view (tokens per listed training example; 0 = none) for the runs in
+    ``token_runs`` (None = every run)."""
     if top_k < 1:
         raise UserError(f"--top-k {top_k}: must be at least 1")
+    if tokens < 0:
+        raise UserError(f"--tokens {tokens}: must be at least 0")
+    with_tokens = None if token_runs is None else {Path(r).resolve() for r in token_runs}
     if max_side < 1:
         raise UserError(f"max_side {max_side}: must be at least 1")
     out = Path(out_dir)
@@ -332,7 +359,8 @@ def build_payload(out_dir: str | Path, runs: Optional[Sequence[str | Path]] = No
     with progress(n_files, "report") as advance:
         for p in paths:
             if _score_files(RunDir(p)):
-                tasks.append(run_payload(p, top_k=top_k, max_side=max_side, advance=advance))
+                n = tokens if with_tokens is None or Path(p).resolve() in with_tokens else 0
+                tasks.append(run_payload(p, top_k=top_k, max_side=max_side, advance=advance, tokens=n))
     if not any(t["checkpoints"] for t in tasks):
         raise UserError(f"{out}: no readable scores file matches its run's examples; nothing to show")
     tasks = [t for t in tasks if t["checkpoints"]]
@@ -379,14 +407,16 @@ def render_html(payload: dict[str, Any]) -> str:
 
 def write_html_report(out_dir: str | Path, runs: Optional[Sequence[str | Path]] = None, *,
                       top_k: int = DEFAULT_TOP_K, html_path: Optional[str | Path] = None,
-                      max_side: int = DEFAULT_MAX_SIDE) -> Path:
+                      max_side: int = DEFAULT_MAX_SIDE, tokens: int = 0,
+                      token_runs: Optional[Sequence[str | Path]] = None) -> Path:
     """Write the explorer for ``out_dir`` (a reproduce output: runs in ``out_dir/runs/*``,
     or the explicit ``runs``) to ``html_path`` (default ``out_dir/report.html``),
-    atomically; returns the path. Raises :class:`UserError` when there is nothing to show."""
+    atomically; returns the path. ``tokens``/``token_runs``: RepT's token view
+    (:func:`build_payload`). Raises :class:`UserError` when there is nothing to show."""
     out = Path(out_dir)
     if not runs and not out.is_dir():
         raise UserError(f"--out {out}: no such directory")
-    payload = build_payload(out, runs, top_k=top_k, max_side=max_side)
+    payload = build_payload(out, runs, top_k=top_k, max_side=max_side, tokens=tokens, token_runs=token_runs)
     target = Path(html_path) if html_path else out / "report.html"
     with atomic_path(target) as tmp:
         tmp.write_text(render_html(payload), encoding="utf-8")
@@ -466,6 +496,7 @@ h2{font-size:17px;margin:4px 0 8px}h3{font-size:15px;margin:12px 0 6px}.hint{col
 #topk-list{padding-left:0;list-style:none}.topk-row{border:1px solid #e1e5ea;border-left:5px solid #bbb;border-radius:4px;padding:6px 8px;margin:6px 0}
 .topk-row.relevant{border-left-color:#2e9d4f}.topk-row.irrelevant{border-left-color:#d9534f}.topk-row.clicked{box-shadow:0 0 0 2px #f0b400}
 .topk-head{display:flex;gap:10px;align-items:baseline;flex-wrap:wrap}.rank{font-weight:700}.tie{font-size:11px;color:#8a5a00;background:#fff4e5;border-radius:3px;padding:0 4px}.ci{color:#5b6574;font-size:12px}.score{font-family:ui-monospace,monospace}
+.tokens{display:flex;gap:6px;flex-wrap:wrap}.token{font-family:ui-monospace,monospace;font-size:12px;background:#eef3fb;border-radius:3px;padding:0 4px;white-space:pre}
 table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}th,td{border:1px solid #dde2e8;padding:3px 8px;text-align:right}
 th{background:#f0f3f7}td:first-child,th:first-child{text-align:left}td.best{font-weight:700;background:#eef8ee}
 figure{margin:10px 0 18px}figure img{max-width:100%;border:1px solid #e0e0e0}figcaption{font-size:13px;color:#333;margin-top:4px}
@@ -695,6 +726,14 @@ _JS = r"""
       li.appendChild(el("div", { class: "text" }, t.train.prompts[j]));
       li.appendChild(el("div", { class: "label" }, "response"));
       li.appendChild(el("div", { class: "text" }, t.train.responses[j]));
+      const toks = m.topk_tokens ? m.topk_tokens[i][r] : null;
+      if (toks && toks.length) {   // RepT's token-level attribution of this training example
+        li.appendChild(el("div", { class: "label" }, "top tokens (RepT, cosine with the test signature)"));
+        const tl = el("div", { class: "tokens" });
+        toks.forEach((x) => tl.appendChild(el("span", { class: "token", "data-position": String(x.position),
+          title: "token " + x.position + " of the training example" }, JSON.stringify(x.token) + " " + fmt(x.score))));
+        li.appendChild(tl);
+      }
       list.appendChild(li);
     });
   }
