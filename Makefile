@@ -40,9 +40,10 @@ demo: data
 	$(BIN)/llm-influence reproduce --profile cpu --tasks mixed-small,backdoor-1 --studies '' --out runs/demo
 
 # Regenerates results/cpu (keep the command in step with README "Results"); the runs stay in runs/cpu.
-# The paper's methods and those the field moved to (issue 16). Interrupted, it resumes: finished
+# The paper's methods and those the field moved to (issue 16; LESS, which needs gradients at every
+# checkpoint, is scored in the counterfactual study only). Interrupted, it resumes: finished
 # fine-tunes, scores, features and counterfactual retrains are reused (keyed by their inputs and code).
-REPRODUCE_METHODS := datainf,lissa-paper,lissa,gradsim,repsim,exact,rept,dra,trackstar,less
+REPRODUCE_METHODS := datainf,lissa-paper,lissa,gradsim,repsim,exact,rept,dra,trackstar
 reproduce: data
 	$(BIN)/llm-influence reproduce --profile cpu --seeds 3 --seed-tasks mixed-small,backdoor-1 \
 	  --methods $(REPRODUCE_METHODS) --out runs/cpu
