@@ -2,7 +2,7 @@
 ``benchmarks/results/`` (so that every number in the README comes from a result file).
 
     python benchmarks/make_tables.py            # all tables
-    python benchmarks/make_tables.py scoring    # one of: extraction, scoring, exact_linear, memory
+    python benchmarks/make_tables.py scoring    # one of: extraction, scoring, exact_linear, memory, reproduce_costs
     python benchmarks/make_tables.py extraction:extraction_threads1   # KIND:FILE-STEM
 """
 
@@ -150,7 +150,42 @@ def memory(stem: str = "cpu_profile_memory") -> str:
     return _table(["command", "what ran", "peak RSS GB", "wall s", "load avg", "finished"], rows)
 
 
-TABLES = {"extraction": extraction, "scoring": scoring, "exact_linear": exact_linear, "memory": memory}
+def reproduce_costs(stem: str = "reproduce_costs") -> str:
+    d = _load(stem)
+    if d is None:
+        return f"(no {stem}.json)"
+    d = d.get("data", d)
+    runs = d["runs"]
+    methods = sorted({m for r in runs for m in r["scoring"]})
+
+    def pass_s(r: dict, split: str, name: str):
+        hits = [v["s_per_example"] for k, v in r["extraction"].items()
+                if k.split("/")[1] == split and k.split("/")[2] == name]
+        return hits[-1] if hits else None  # the last checkpoint's (keys are sorted by checkpoint name)
+
+    rows = []
+    for r in runs:
+        lora, rept = pass_s(r, "train", "grads+reps"), pass_s(r, "train", "repgrads")
+        rows.append([r["run"], r["n_train"], r["finetune_s_per_example_epoch"], lora, rept,
+                     rept / lora if lora and rept else None])
+    out = [_table(["run", "n_train", "fine-tune s / example-epoch", "LoRA grads + reps s / example",
+                   "RepT signature s / example", "RepT ÷ LoRA"], rows), ""]
+    rows = [[r["run"], *[r["scoring"].get(m, {}).get("seconds") for m in methods]] for r in runs]
+    out += ["Scoring (fit + score at the last checkpoint, extraction excluded), seconds per run:", "",
+            _table(["run", *methods], rows)]
+    cf = d.get("counterfactual")
+    if cf:
+        rows = [[task, c["n_train"], c["subset_size"], c["epochs"], c["seconds_per_half_retrain"],
+                 c["seconds_per_example_epoch"], c.get("seconds_per_leave_out_retrain"), c.get("tail_patch_seconds"),
+                 c["retrains"], c.get("retrains_from_cache", 0), c["task_seconds"]] for task, c in cf.items()]
+        out += ["", "Counterfactual study (`counterfactual.json` `cost`):", "",
+                _table(["task", "n_train", "subset", "epochs", "s / half-subset retrain", "s / example-epoch",
+                        "s / leave-out retrain", "tail-patch s (all)", "retrains", "from cache", "task s"], rows)]
+    return "\n".join(out)
+
+
+TABLES = {"extraction": extraction, "scoring": scoring, "exact_linear": exact_linear, "memory": memory,
+          "reproduce_costs": reproduce_costs}
 
 if __name__ == "__main__":
     for arg in sys.argv[1:] or list(TABLES):
