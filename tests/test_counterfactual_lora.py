@@ -132,3 +132,59 @@ def test_tail_patch_is_one_more_adamw_step(harness):
                 for j in tests]
     np.testing.assert_array_equal(after, np.array(expected))
     assert info["lr"] == r.final_lr > 0
+
+
+RETRAIN_DRIVER = r"""
+import sys
+import numpy as np
+from llm_influence import distributed
+from llm_influence.training.retrain import LoraRetrainer, retrain_masks
+from llm_influence.training.retrain_cache import CachedRetrainer
+world = distributed.current()
+assert world.size == 2 and world.backend == "gloo", world
+masks = np.load(sys.argv[2])
+retrainer = CachedRetrainer(LoraRetrainer(sys.argv[1]), sys.argv[3])
+losses = retrain_masks(retrainer, masks, 11)
+if world.rank == 0:
+    np.save(sys.argv[4], losses)
+print("rank", world.rank, "retrained", len(retrainer.retrain_seconds), flush=True)
+distributed.shutdown()
+"""
+
+
+def test_two_gloo_processes_split_the_masks_and_equal_one_process(harness, tmp_path, monkeypatch):
+    """Under torchrun (2 CPU processes, gloo) each rank retrains its own contiguous share of
+    the masks (through the retrain cache) and the all-reduced losses equal this process's
+    retrains of the same masks bitwise; each rank's cache holds only its own masks."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    run, retrainer = harness
+    rng = np.random.default_rng(3)
+    masks = np.zeros((3, 10), dtype=bool)
+    for m in masks:
+        m[rng.choice(10, 5, replace=False)] = True
+    np.save(tmp_path / "masks.npy", masks)
+    (tmp_path / "driver.py").write_text(RETRAIN_DRIVER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(tmp_path / "driver.py"), str(run), str(tmp_path / "masks.npy"),
+           str(tmp_path / "cache"), str(tmp_path / "two.npy")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 0 retrained 2" in proc.stdout and "rank 1 retrained 1" in proc.stdout  # masks 0-1 and 2
+    two = np.load(tmp_path / "two.npy")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count (a CPU retrain is bitwise only for the same one)
+    try:
+        one = np.stack([retrainer.retrain(m, 11) for m in masks])
+    finally:
+        torch.set_num_threads(threads)
+    assert one.tobytes() == two.tobytes()
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 3
