@@ -54,7 +54,7 @@ NAME = "backdoor-learning"
 TASKS = ("backdoor-1",)
 METHODS = ("repsim", "datainf", "gradsim", "lissa-paper", "exact")
 LABELS = {"repsim": "RepSim", "datainf": "DataInf", "gradsim": "GradSim", "lissa-paper": "LiSSA (authors')",
-          "lissa": "LiSSA", "exact": "exact"}
+          "lissa": "LiSSA", "exact": "Exact"}
 #: the method whose trend the text reports
 FOCUS = "repsim"
 METRIC_KEYS = ("acc", "cover", "acc_ci95", "cover_ci95", "n_scored", "n_skipped", "seconds", "diagnostics")
