@@ -51,36 +51,29 @@ per method with 95 % intervals, and the noise ceiling) and ``counterfactual.png`
 Cost (cpu profile, 2 cores)
 ---------------------------
 A retrain costs ``|S| * epochs`` example-epochs of training plus one forward pass over the
-test split. The ``reproduce`` cpu runs of this machine took 0.57 s (mixed-small) and 0.51 s
-(backdoor-1) per example-epoch including their validation passes
-(``results/cpu/results.json``: 113 s for 40 x 5, 203 s for 100 x 4); the profile comment's
-0.65 s is the conservative figure. A test forward is ~0.15 s per example. Hence, at
-0.53 s (the two runs' mean) and 0.65 s per example-epoch (:func:`estimate_seconds`):
+test split; :func:`estimate_seconds` bounds a task's cost from the run's own measured seconds
+per example-epoch (logged before the task starts). Measured in ``make reproduce`` on this
+project's 2-core machine with nothing else running (``benchmarks/README.md``, section 7), all
+12 methods of :data:`METHODS`:
 
-=====================================  ====================  ===========  ===========
-item (cpu defaults)                    retrains              at 0.53 s    at 0.65 s
-=====================================  ====================  ===========  ===========
-mixed-small LDS + noise (20 x 5 each)  8 + 4 half-subsets    11.6 min     14.0 min
-mixed-small leave-top-k-out (36 x 5)   2 tests, k = 4: ~8    13.4 min     16.2 min
-mixed-small tail-patch (k = 4)         6 tests x 7 methods   <= 1.8 min   <= 2.2 min
-backdoor-1 LDS + noise (50 x 4 each)   8 + 4 half-subsets    22.1 min     26.9 min
-backdoor-1 tail-patch (k = 10)         6 tests x 7 methods   <= 4.2 min   <= 5.1 min
-missing scores (EK-FAC), model loads                         ~2 min       ~2 min
-total                                                        ~55 min      ~66 min
-=====================================  ====================  ===========  ===========
+=====================================  =============================  ==========
+item (cpu defaults)                    retrains                       measured
+=====================================  =============================  ==========
+mixed-small LDS + noise (20 x 5 each)  8 + 4 half-subsets, 55.5 s     11.1 min
+mixed-small leave-top-k-out (36 x 5)   2 tests, k = 4: 18 distinct    28.2 min
+                                       sets (of 25 possible), 94 s
+mixed-small tail-patch (k = 4)         6 tests x 12 methods + random  2.8 min
+=====================================  =============================  ==========
 
-"~8" leave-out retrains: one per distinct top-4 set of the 2 sampled test examples plus one
-random set; methods that rank alike share a set (on the smoke runs DataInf = Exact and
-LiSSA = LiSSA (authors') = GradSim). If no two of the 7 methods shared one it would be 15
-retrains, +11.7 min (+14.2 min at 0.65 s). So the cpu defaults are sized to the hour at
-this machine's measured cost: M = 8 masks, not the issue's 32 (32 + 8 half-subset retrains
-on both tasks would take ~112 min at 0.53 s by themselves), 4 noise masks, k = 10 % only,
-leave-top-k-out on mixed-small only (a backdoor-1 leave-out retrain is 90 x 4
-example-epochs, ~3.3 min each) and tail-patch on 6 test examples; ``leave_out_tasks=``
-(empty) brings the total to ~41 min (~50 min at 0.65 s). The study logs its own upper-bound
-estimate per task from the run's measured epoch seconds before it starts
-(:func:`estimate_seconds`). The base model's frozen activations cannot be cached: LoRA sits
-on q/v of every layer, so only the embeddings are frozen.
+Methods that rank alike share a removal set (LiSSA (authors') and GradSim always do); with 12
+methods and no sharing the leave-out would be 25 retrains. So the cpu defaults (M = 8 masks,
+not the issue's 32; 4 noise masks; k = 10 % only; leave-top-k-out on mixed-small only, since a
+backdoor-1 leave-out retrain is 90 x 4 example-epochs; tail-patch on 6 test examples) keep
+mixed-small near 45 min and backdoor-1 (estimated at most 27 min at its measured 0.49 s per
+example-epoch: 12 half-subset retrains of 50 x 4 and the tail-patch steps) near 30 min;
+``leave_out_tasks=`` (empty) saves the 28 min of leave-out retrains. M = 32 with 8 noise masks
+on both tasks would take ~2 hours of LDS retrains alone. The base model's frozen activations
+cannot be cached: LoRA sits on q/v of every layer, so only the embeddings are frozen.
 """
 
 from __future__ import annotations
@@ -117,7 +110,7 @@ LABELS = {"datainf": "DataInf", "lissa": "LiSSA", "lissa-paper": "LiSSA (authors
           "trackstar": "TrackStar", "less": "LESS"}
 #: ``OUT/CACHE_FOLDER/TASK/``: one JSON file per retrain (:mod:`~llm_influence.training.retrain_cache`)
 CACHE_FOLDER = "counterfactual-cache"
-#: seconds per example-epoch of training and per test forward used by the docstring's table
+#: seconds per example-epoch of training and per test forward, assumed when a run has no timed epochs
 EXAMPLE_EPOCH_S = 0.65
 EVAL_S = 0.15
 
