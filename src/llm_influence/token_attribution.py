@@ -84,20 +84,20 @@ def top_tokens(run: RunDir, checkpoint: str, method, test_repgrads, layer: int, 
     return out
 
 
-def explorer_tokens(run: RunDir, checkpoint: str, topk: Sequence[Sequence[int]], n_tokens: int = DEFAULT_EXPLORER_TOKENS,
-                    *, rank_by: str = "score") -> list[list[list[dict[str, Any]]]]:
+def explorer_tokens(run: RunDir, checkpoint: str, topk: Sequence[Sequence[int]],
+                    n_tokens: int = DEFAULT_EXPLORER_TOKENS) -> list[list[list[dict[str, Any]]]]:
     """The explorer's token view of a run's RepT scores at ``checkpoint``: for every test
     example ``i`` and each training index in ``topk[i]`` (the page's top-k list, in its
     order) the ``n_tokens`` best tokens, as ``[test][rank] -> tokens``. Cached in
     ``RUN/scores/CHECKPOINT/rept.tokens.json``, keyed by the scores file's SHA-256, the
-    top-k lists, ``n_tokens`` and ``rank_by``; recomputed (one pass of the fine-tuned model
+    top-k lists (which already reflect the ranking rule) and ``n_tokens``; recomputed (one pass of the fine-tuned model
     over the listed training examples) when the key differs."""
     from .attribute import read_scores
 
     scores_path = run.scores_dir(checkpoint) / "rept.safetensors"
     topk = [[int(j) for j in row] for row in topk]
-    key = hashlib.sha256(json.dumps({"scores": sha256_file(scores_path), "topk": topk, "n_tokens": int(n_tokens),
-                                     "rank_by": rank_by}).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps({"scores": sha256_file(scores_path), "topk": topk,
+                                     "n_tokens": int(n_tokens)}).encode()).hexdigest()
     cache = scores_path.with_name(EXPLORER_FILE)
     cached = _read_cache(cache, key)
     if cached is not None:

@@ -254,7 +254,7 @@ def run_payload(run_path: str | Path, top_k: int = DEFAULT_TOP_K, max_side: int 
                     skipped.append(f"{path}: {exc}; not shown")
                 else:
                     if tokens > 0 and entry["name"] == "rept":
-                        entry["topk_tokens"], problem = _token_view(run, checkpoint, entry["topk"], tokens, rank_by)
+                        entry["topk_tokens"], problem = _token_view(run, checkpoint, entry["topk"], tokens)
                         if problem:
                             skipped.append(f"{path}: token view not shown ({problem})")
         if advance:
@@ -272,14 +272,14 @@ def run_payload(run_path: str | Path, top_k: int = DEFAULT_TOP_K, max_side: int 
     }
 
 
-def _token_view(run: RunDir, checkpoint: str, topk: list[list[int]], tokens: int,
-                rank_by: str) -> tuple[Optional[list], Optional[str]]:
+def _token_view(run: RunDir, checkpoint: str, topk: list[list[int]],
+                tokens: int) -> tuple[Optional[list], Optional[str]]:
     """RepT's token view for the page, or ``(None, reason)`` when the run cannot give it (e.g.
     its checkpoint's adapter is not there: a copied results folder without ``runs/``)."""
     from ..token_attribution import explorer_tokens
 
     try:
-        return explorer_tokens(run, checkpoint, topk, tokens, rank_by=rank_by), None
+        return explorer_tokens(run, checkpoint, topk, tokens), None
     except (UserError, OSError, KeyError, ValueError) as exc:
         return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 

@@ -68,6 +68,7 @@ class CachedRetrainer:
 
     def retrain(self, mask: np.ndarray, seed: Optional[int] = None) -> np.ndarray:
         """``[n_test]`` float64 losses, from ``folder`` when this retrain was done before."""
+        seed = self.retrainer.seed if seed is None else int(seed)
         path = self.folder / f"{self.key(mask, seed)}.json"
         if path.is_file():
             try:
@@ -82,7 +83,7 @@ class CachedRetrainer:
         before = len(self.retrainer.retrain_seconds)
         losses = self.retrainer.retrain(mask, seed)
         seconds = float(sum(self.retrainer.retrain_seconds[before:]))
-        write_json(path, {"kept": np.flatnonzero(mask).tolist(), "seed": self.retrainer.seed if seed is None else int(seed),
+        write_json(path, {"kept": np.flatnonzero(mask).tolist(), "seed": seed,
                           "losses": np.asarray(losses, dtype=np.float64).tolist(), "seconds": seconds})
         self.retrain_seconds.append(seconds)
         return losses
