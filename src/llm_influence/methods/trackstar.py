@@ -305,12 +305,23 @@ def auto_mixing(train_eigs: torch.Tensor, eval_eigs: torch.Tensor, k: Optional[i
     return s_tr / (s_ev + s_tr), k
 
 
+class _OptimizerAwareMethod(Method):
+    """What TrackStar and LESS share: ``fit`` only keeps the training gradients (their
+    optimizer state and checkpoint history travel inside ``Features``); all work is in ``score``."""
+
+    def fit(self, train: Features) -> "_OptimizerAwareMethod":
+        require_grads(self.name, train, "training")
+        self._train = train
+        self.diagnostics = {}
+        return self
+
+
 # ---------------------------------------------------------------------------------------
 # trackstar
 
 
 @register
-class TrackStar(Method):
+class TrackStar(_OptimizerAwareMethod):
     """Arguments: :class:`TrackStarArguments`. See the module docstring."""
 
     name = "trackstar"
@@ -325,12 +336,6 @@ class TrackStar(Method):
         if self.args.checkpoints == "all":
             out.add("history")
         return frozenset(out)
-
-    def fit(self, train: Features) -> "TrackStar":
-        require_grads(self.name, train, "training")
-        self._train = train
-        self.diagnostics = {}
-        return self
 
     def score(self, test: Features) -> torch.Tensor:
         train = self.train
@@ -429,7 +434,7 @@ class TrackStar(Method):
 
 
 @register
-class LESS(Method):
+class LESS(_OptimizerAwareMethod):
     """Arguments: :class:`LESSArguments`. See the module docstring."""
 
     name = "less"
@@ -439,12 +444,6 @@ class LESS(Method):
 
     def required_features(self) -> frozenset[str]:
         return frozenset({"grads", "optimizer"} | ({"history"} if self.args.checkpoints == "all" else set()))
-
-    def fit(self, train: Features) -> "LESS":
-        require_grads(self.name, train, "training")
-        self._train = train
-        self.diagnostics = {}
-        return self
 
     def score(self, test: Features) -> torch.Tensor:
         train = self.train
