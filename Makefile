@@ -39,7 +39,9 @@ data: $(STAMP)
 demo: data
 	$(BIN)/llm-influence reproduce --profile cpu --tasks mixed-small,backdoor-1 --studies '' --out runs/demo
 
-# Regenerates results/cpu (keep the command in step with README "Results"); the runs stay in runs/cpu.
+# Regenerates results/cpu (keep the command in step with README "Results"). results/cpu gets every run's
+# config, rows, scores, metrics, logs and backdoor generations (what recomputes a number); the adapters,
+# features, merged models and retrain cache stay in runs/cpu.
 # The paper's methods and those the field moved to (issue 16; LESS, which needs gradients at every
 # checkpoint, is scored in the counterfactual study only). Interrupted, it resumes: finished
 # fine-tunes, scores, features and counterfactual retrains are reused (keyed by their inputs and code).
@@ -48,7 +50,8 @@ reproduce: data
 	$(BIN)/llm-influence reproduce --profile cpu --seeds 3 --seed-tasks mixed-small,backdoor-1 \
 	  --methods $(REPRODUCE_METHODS) --out runs/cpu
 	mkdir -p results/cpu && find results/cpu -mindepth 1 ! -name report-screenshot.png -delete
-	tar -C runs/cpu --exclude=./runs --exclude=./counterfactual-cache -cf - . | tar -C results/cpu -xf -
+	tar -C runs/cpu --exclude=./counterfactual-cache --exclude=checkpoints --exclude=features \
+	  --exclude='aligned-model-*' -cf - . | tar -C results/cpu -xf -
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

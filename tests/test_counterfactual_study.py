@@ -51,7 +51,9 @@ def test_files_and_registration(smoke):
         assert np.array(t["lds"]["losses"]).shape == (4, t["n_test"])
         assert np.array(t["lds"]["noise_losses"]).shape == (2, t["n_test"]) and t["noise_seed"] == t["train_seed"] + 1
         for m, e in t["methods"].items():
-            assert sha256_file(e["scores"]["path"]) == e["scores"]["sha256"]
+            # relative to the study folder, so the JSON survives copying runs/cpu to results/cpu
+            assert not Path(e["scores"]["path"]).is_absolute()
+            assert sha256_file(out / e["scores"]["path"]) == e["scores"]["sha256"]
             assert e["lds"]["lds"] is None or -1.0 <= e["lds"]["lds"] <= 1.0
             assert f"| {cf_label(m)} |" in md
     assert data["tasks"][0]["leave_top_k_out"] is not None and data["tasks"][1]["leave_top_k_out"] is None
@@ -75,7 +77,8 @@ def test_docstring_lines_recompute_the_stored_lds(smoke, monkeypatch):
     for t_index, t in enumerate(record["data"]["tasks"]):
         for method, e in t["methods"].items():
             namespace: dict = {}
-            exec(code.replace('["tasks"][0]', f'["tasks"][{t_index}]').replace('["datainf"]', f'[{method!r}]'),
+            exec(code.replace('["tasks"][0]', f'["tasks"][{t_index}]').replace('["datainf"]', f'[{method!r}]')
+                 .replace('Path("results/cpu/counterfactual.json")', 'Path("counterfactual.json")'),
                  namespace)
             stored = e["lds"]["lds"]
             assert (np.isnan(namespace["lds"]) if stored is None else namespace["lds"] == pytest.approx(stored,
@@ -90,7 +93,7 @@ def test_docstring_lines_recompute_the_stored_lds(smoke, monkeypatch):
 
 
 def test_leave_out_and_tail_patch_recomputed(smoke):
-    _, record = smoke
+    out, record = smoke
     t = record["data"]["tasks"][0]
     base = np.array(t["base_losses"])
     lo = t["leave_top_k_out"]
@@ -105,7 +108,7 @@ def test_leave_out_and_tail_patch_recomputed(smoke):
             assert me["delta"] == delta
             assert me["vs_random_mean"] == pytest.approx(np.mean(np.array(delta) - rand), abs=1e-15)
             # the removed rows are the method's top-k for that test example
-            scores = load_file(t["methods"][m]["scores"]["path"])["scores"]
+            scores = load_file(out / t["methods"][m]["scores"]["path"])["scores"]
             assert me["removed"] == [sorted(cf.top_k(scores[j], int(k))) for j in lo["tests"]]
     tp = t["tail_patch"]
     assert tp["lr"] > 0 and len(tp["before"]) == len(tp["tests"])
@@ -120,12 +123,12 @@ def test_missing_scores_equal_the_attribute_stage_and_acc_cover_its_evaluation(s
     t = record["data"]["tasks"][0]
     methods = tuple(record["data"]["options"]["methods"])
     for m in methods:
-        assert Path(t["methods"][m]["scores"]["path"]).parent == out / "counterfactual-scores" / t["task"]
+        assert (out / t["methods"][m]["scores"]["path"]).parent == out / "counterfactual-scores" / t["task"]
     assert not (Path(t["run_dir"]) / "scores").exists()
     attribute(t["run_dir"], AttributeArgs(methods=methods, checkpoint=t["checkpoint"]))
     metrics = evaluate_run(t["run_dir"])["checkpoints"][t["checkpoint"]]
     for m in methods:
-        ours, _ = read_scores(t["methods"][m]["scores"]["path"])
+        ours, _ = read_scores(out / t["methods"][m]["scores"]["path"])
         theirs, _ = read_scores(Path(t["run_dir"]) / "scores" / t["checkpoint"] / f"{m}.safetensors")
         assert torch.equal(ours, theirs), m
         e = t["methods"][m]

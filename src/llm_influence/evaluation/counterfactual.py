@@ -35,15 +35,19 @@ Recomputing a stored LDS
 ------------------------
 The ``counterfactual`` study stores, per task, the masks (``[M, n_train]`` 0/1), the losses
 per training seed (``[M, n_test]``) and, per method, the scores file it used (path and
-SHA-256). With those, an LDS is these lines of numpy (what :func:`lds` computes)::
+SHA-256; the path is relative to the folder of ``counterfactual.json`` when the file lies
+below it, as in ``results/cpu/``).
+With those, an LDS is these lines of numpy (what :func:`lds` computes)::
 
     import json, numpy as np
+    from pathlib import Path
     from safetensors.numpy import load_file
-    task = json.load(open("counterfactual.json"))["data"]["tasks"][0]
+    study = Path("results/cpu/counterfactual.json")
+    task = json.load(open(study))["data"]["tasks"][0]
     masks = np.array(task["lds"]["masks"], dtype=bool)             # [M, n_train]
     losses = np.array(task["lds"]["losses"], dtype=np.float64)     # [M, n_test], seed 1
     ref = task["methods"]["datainf"]["scores"]                     # {"path", "sha256"}
-    scores = load_file(ref["path"])["scores"].astype(np.float64)   # [n_test, n_train]
+    scores = load_file(study.parent / ref["path"])["scores"].astype(np.float64)  # [n_test, n_train]
     pred = -(masks.astype(np.float64) @ scores.T)                  # [M, n_test]
 
     def ranks(x):                                                  # average ranks of ties

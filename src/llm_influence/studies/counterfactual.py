@@ -62,18 +62,23 @@ item (cpu defaults)                    retrains                       measured
 mixed-small LDS + noise (20 x 5 each)  8 + 4 half-subsets, 55.5 s     11.1 min
 mixed-small leave-top-k-out (36 x 5)   2 tests, k = 4: 18 distinct    28.2 min
                                        sets (of 25 possible), 94 s
-mixed-small tail-patch (k = 4)         6 tests x 12 methods + random  2.8 min
+mixed-small tail-patch (k = 4)         6 tests x 12 methods + random  3.0 min
+backdoor-1 LDS + noise (50 x 4 each)   8 + 4 half-subsets, 109.8 s    21.3 min
+backdoor-1 tail-patch (k = 10)         6 tests x 12 methods + random  5.4 min
+whole study (both tasks)                                              ~70 min
 =====================================  =============================  ==========
 
-Methods that rank alike share a removal set (LiSSA (authors') and GradSim always do); with 12
-methods and no sharing the leave-out would be 25 retrains. So the cpu defaults (M = 8 masks,
-not the issue's 32; 4 noise masks; k = 10 % only; leave-top-k-out on mixed-small only, since a
-backdoor-1 leave-out retrain is 90 x 4 example-epochs; tail-patch on 6 test examples) keep
-mixed-small near 45 min and backdoor-1 (estimated at most 27 min at its measured 0.49 s per
-example-epoch: 12 half-subset retrains of 50 x 4 and the tail-patch steps) near 30 min;
-``leave_out_tasks=`` (empty) saves the 28 min of leave-out retrains. M = 32 with 8 noise masks
-on both tasks would take ~2 hours of LDS retrains alone. The base model's frozen activations
-cannot be cached: LoRA sits on q/v of every layer, so only the embeddings are frozen.
+(backdoor-1's whole task took 26.9 min, model loads and the scoring of EK-FAC, TracIn and
+LESS included; its retrains ran partly beside a low-priority test run, yet its 0.549 s per
+example-epoch matches mixed-small's 0.555 s.) Methods that rank alike share a removal set (LiSSA (authors') and GradSim
+always do); with 12 methods and no sharing the leave-out would be 25 retrains. The cpu
+defaults (M = 8 masks, not the issue's 32; 4 noise masks; k = 10 % only; leave-top-k-out on
+mixed-small only, since a backdoor-1 leave-out retrain is 90 x 4 example-epochs; tail-patch
+on 6 test examples) were sized for the hour with 7 methods; with all 12 the study takes ~70
+min, of which the leave-out's 28 min; ``leave_out_tasks=`` (empty) brings it to ~42 min.
+M = 32 with 8 noise masks on both tasks would take ~2 hours of LDS retrains alone. The base
+model's frozen activations cannot be cached: LoRA sits on q/v of every layer, so only the
+embeddings are frozen.
 """
 
 from __future__ import annotations
@@ -300,6 +305,16 @@ def _full_mask_check(retrainer: LoraRetrainer, final_losses: np.ndarray) -> dict
     return {"adapter_bitwise_equal": bool(same), "test_losses_equal": bool(np.array_equal(losses, final_losses))}
 
 
+def _path_from(out_dir: Path, path: Path) -> str:
+    """``path`` relative to the study's output folder when it lies inside it (so the JSON stays
+    valid when that folder is copied, e.g. ``runs/cpu`` to ``results/cpu``), else absolute."""
+    path, out_dir = Path(path).resolve(), Path(out_dir).resolve()
+    try:
+        return path.relative_to(out_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def run_task(task_name: str, profile: str, out_dir: Path, data_dir: Optional[Path], opts: dict) -> dict[str, Any]:
     """Every counterfactual measurement of one task (module docstring); JSON-serialisable."""
     t_task = time.perf_counter()
@@ -343,7 +358,7 @@ def run_task(task_name: str, profile: str, out_dir: Path, data_dir: Optional[Pat
     methods: dict[str, Any] = {}
     for m, arr in scores.items():
         metrics = evaluate_scores(arr, relevant, rank_by=opts["rank_by"])
-        methods[m] = {"scores": {"path": str(paths[m].resolve()), "sha256": sha256_file(paths[m])},
+        methods[m] = {"scores": {"path": _path_from(out_dir, paths[m]), "sha256": sha256_file(paths[m])},
                       **{k: v for k, v in metrics.to_dict().items() if k in ("acc", "acc_ci95", "cover", "cover_ci95")},
                       "lds": lds(arr, masks, losses).to_dict()}
 
