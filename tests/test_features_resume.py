@@ -93,10 +93,17 @@ def _chunk_files(run: Path) -> list[Path]:
     return sorted(folder / "chunks" / name for name in set.intersection(*names))
 
 
+def _sigint_default() -> None:
+    """Give the child SIGINT's default action: a test process started as a background job of a
+    non-interactive shell inherits SIGINT ignored, and so would the CLI, which then never sees
+    the interrupt this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(run: Path, sig: int) -> tuple[subprocess.Popen, list[Path], str]:
     """Start the slow command, send ``sig`` once the first training chunk is stored."""
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, "1.5", *_command(run)], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
     deadline = time.time() + 120
     while not _chunk_files(run):
         if proc.poll() is not None or time.time() > deadline:

@@ -66,8 +66,16 @@ def _log(run: Path) -> list[dict]:
     return rows
 
 
+def _sigint_default() -> None:
+    """Give the child SIGINT's default action: a test process started as a background job of a
+    non-interactive shell inherits SIGINT ignored, and so would the CLI, which then never sees
+    the interrupt this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_wait(task: str, out: Path, ready, timeout: float = 120.0) -> subprocess.Popen:
-    proc = subprocess.Popen(_command(task, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(_command(task, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_sigint_default)
     deadline = time.time() + timeout
     while not ready(_log(out)):
         if proc.poll() is not None:
