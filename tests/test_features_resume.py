@@ -35,6 +35,7 @@ from llm_influence.features.types import Features
 from llm_influence.methods import make_method
 from llm_influence.models import LoraSpec
 from llm_influence.training import finetune
+from test_reliability_interrupt import _sigint_default  # the child CLI must see SIGINT
 
 METHODS = ("datainf", "lissa", "gradsim", "repsim", "exact", "ekfac", "projected")
 N_TRAIN, CHUNK = 12, 2
@@ -91,13 +92,6 @@ def _chunk_files(run: Path) -> list[Path]:
     folder = run / "features" / "epoch-1"
     names = [{p.name for p in folder.glob(f"chunks/train.{c}.*/*.safetensors")} for c in ("grads", "kfac", "reps")]
     return sorted(folder / "chunks" / name for name in set.intersection(*names))
-
-
-def _sigint_default() -> None:
-    """Give the child SIGINT's default action: a test process started as a background job of a
-    non-interactive shell inherits SIGINT ignored, and so would the CLI, which then never sees
-    the interrupt this test sends."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt(run: Path, sig: int) -> tuple[subprocess.Popen, list[Path], str]:

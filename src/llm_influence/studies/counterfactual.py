@@ -70,8 +70,9 @@ whole study (both tasks)                                              ~70 min
 
 (backdoor-1's whole task took 26.9 min, model loads and the scoring of EK-FAC, TracIn and
 LESS included; its retrains ran partly beside a low-priority test run, yet its 0.549 s per
-example-epoch matches mixed-small's 0.555 s.) Methods that rank alike share a removal set (LiSSA (authors') and GradSim
-always do); with 12 methods and no sharing the leave-out would be 25 retrains. The cpu
+example-epoch matches mixed-small's 0.555 s.) Methods that rank alike share a removal set
+(LiSSA (authors') and GradSim always do); with 12 methods and no sharing the leave-out would
+be 25 retrains. The cpu
 defaults (M = 8 masks, not the issue's 32; 4 noise masks; k = 10 % only; leave-top-k-out on
 mixed-small only, since a backdoor-1 leave-out retrain is 90 x 4 example-epochs; tail-patch
 on 6 test examples) were sized for the hour with 7 methods; with all 12 the study takes ~70
