@@ -16,6 +16,7 @@ CASES = {
     "q-v-all-layers": (LoraSpec(dropout=0.0), "response"),
     "layer-1-only": (LoraSpec(dropout=0.0, layers=(1,)), "response"),
     "loss-on-all": (LoraSpec(r=2, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "o_proj")), "all"),
+    "loss-on-all-padded": (LoraSpec(dropout=0.0), "all-padded"),
 }
 
 
@@ -45,7 +46,8 @@ def test_hook_gradients_match_loop_float64(tiny, references, case):
     spec, loss_on = CASES[case]
     model, tok = lora_model(tiny, spec, dtype=torch.float64)
     enc = encode(tok, make_examples(), loss_on=loss_on)
-    _mixed_lengths(enc)
+    if loss_on != "all-padded":  # all-padded pads every example to max_length
+        _mixed_lengths(enc)
     grads, kfac = per_example_gradients(model, enc, tok.pad_token_id, batch_size=4, description=None)
     ref = references(case)
     assert kfac is None
@@ -68,6 +70,23 @@ def test_hook_gradients_match_loop_float32(tiny, references, case):
     grads, _ = per_example_gradients(model, enc, tok.pad_token_id, batch_size=8, description=None)
     assert all(g.dtype == torch.float32 for g in grads.values())
     assert_close_dicts({k: v.double() for k, v in grads.items()}, references(case), rtol=1e-4, atol=1e-5)
+
+
+def test_supervised_pads_keep_their_gradient_under_eager_attention(tiny):
+    """Eager attention lets a fully masked pad query attend to the whole sequence, so the
+    supervised pads of ``all-padded`` get a gradient of their own; the hooks keep it
+    (float32: eager's float64 mask overflows to NaN on fully masked rows)."""
+    from dataclasses import replace
+
+    model, tok = lora_model(tiny, LoraSpec(dropout=0.0), dtype=torch.float32)
+    model.base_model.model.set_attn_implementation("eager")
+    enc = encode(tok, make_examples(4), loss_on="all-padded")
+    pads_only = [replace(e, labels=e.labels[:e.n_pad + 1] + [-100] * (len(e.labels) - e.n_pad - 1)) for e in enc]
+    for encoded in (enc, pads_only):
+        ref = loop_gradients(model, encoded, tok.pad_token_id)
+        grads, _ = per_example_gradients(model, encoded, tok.pad_token_id, batch_size=4, description=None)
+        assert_close_dicts(grads, ref, rtol=1e-4, atol=1e-6)
+    assert max(float(g.abs().max()) for g in ref.values()) > 1e-3  # the pads' gradient is real
 
 
 def test_lora_b_gradient_carries_the_scaling(tiny):

@@ -125,3 +125,46 @@ def test_fallback_template_without_chat_template(tiny):
     fmt = ChatFormatter(NoTemplate(), max_length=256)
     p, r = fmt.split_text("Hi", "Hello")
     assert p == "User: Hi\n---\nAssistant: " and r == "Hello" + tok.eos_token
+
+
+def test_all_padded_left_pads_with_eos_to_max_length(tiny):
+    """The authors' v2 encoding: EOS left padding to exactly ``max_length``, every label
+    supervised; the real tokens are the ``"all"`` encoding's; collate masks the pads as
+    attention keys and keeps their labels."""
+    _, tok = tiny
+    fmt = ChatFormatter(tok, max_length=96, loss_on="all-padded")
+    encs = [fmt.encode(e) for e in EXAMPLES]
+    for e, ex in zip(encs, EXAMPLES):
+        plain = ChatFormatter(tok, max_length=96, loss_on="all").encode(ex)
+        assert len(e.input_ids) == 96 and e.n_pad == 96 - len(plain.input_ids) > 0
+        assert e.input_ids == [tok.eos_token_id] * e.n_pad + plain.input_ids
+        assert e.labels == e.input_ids and e.prompt_len == plain.prompt_len
+    batch = collate(encs, tok.pad_token_id)
+    for i, e in enumerate(encs):
+        assert batch["attention_mask"][i].tolist() == [0] * e.n_pad + [1] * (96 - e.n_pad)
+        assert batch["labels"][i].tolist() == e.input_ids
+        assert batch["input_ids"][i, batch["last_prompt_index"][i]].item() == e.input_ids[e.n_pad + e.prompt_len - 1]
+    long = Example("x", "Short prompt", " ".join(["word"] * 300), "g")
+    cut = fmt.encode(long)
+    assert cut.n_pad == 0 and len(cut.input_ids) == 96
+
+
+def test_all_padded_gradient_is_the_all_gradient_scaled_by_the_real_share(tiny):
+    """Under SDPA a pad query attends to nothing, so the pad positions' losses are constant
+    in the LoRA weights: the all-padded loss's gradient is the "all" loss's gradient times
+    (real predictions) / (max_length - 1), up to float32 rounding (the float64 model's
+    RMSNorm computes in float32: even grad(49 L) and 49 grad(L) differ by ~4e-7 here)."""
+    from test_features_support import lora_model
+
+    model, tok = lora_model(tiny, dtype=torch.float64)
+    assert model.config._attn_implementation == "sdpa"
+    params = [p for p in model.parameters() if p.requires_grad]
+    for ex in EXAMPLES:
+        grads = {}
+        for loss_on in ("all", "all-padded"):
+            batch = collate([ChatFormatter(tok, max_length=64, loss_on=loss_on).encode(ex)], tok.pad_token_id)
+            loss = per_example_loss(model(**model_inputs(batch)).logits, batch["labels"])[0]
+            grads[loss_on] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+        n_real = len(ChatFormatter(tok, max_length=64, loss_on="all").encode(ex).input_ids)
+        assert grads["all"].abs().sum() > 0
+        torch.testing.assert_close(grads["all-padded"], grads["all"] * (n_real - 1) / 63, rtol=1e-6, atol=1e-7)

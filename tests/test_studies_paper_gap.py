@@ -91,7 +91,7 @@ def test_factor_b_equals_the_baseline_ranked_by_abs(study):
     assert rows["b"]["run"] is None
 
 
-@pytest.mark.parametrize("key,field,value", [("c", "loss_on", "all"), ("d", "max_length", 128), ("e", "epochs", 4)])
+@pytest.mark.parametrize("key,field,value", [("c", "loss_on", "all-padded"), ("d", "max_length", 128), ("e", "epochs", 4)])
 def test_finetune_factors_really_fine_tuned_with_the_change(study, key, field, value):
     _, _, _, _, rows = study
     from llm_influence.rundir import RunDir
@@ -111,6 +111,27 @@ def test_finetune_factors_really_fine_tuned_with_the_change(study, key, field, v
     expected = score_checkpoint(run, "last", [(m, *method_spec(m, 0.1)) for m in METHODS])
     for m in METHODS:
         _same(row["cells"][m], expected[m])
+
+
+def test_backdoor_check_of_every_fine_tuned_row(study, data_dir):
+    """The baseline and each fine-tune factor carry the backdoor check of the checkpoint
+    they scored, equal to the stand-alone check (which reuses its stored generations), and
+    the run table shows it."""
+    from llm_influence.evaluation.backdoor import run_backdoor_check
+    from llm_influence.studies.paper_gap import _backdoor_cell
+
+    _, result, _, _, rows = study
+    md = result.markdown_path.read_text()
+    for key in ("baseline", "c", "d", "e"):
+        run = rows[key]["run"]
+        entry = run["backdoor"]
+        record = run_backdoor_check(run["run_dir"], "last", data_dir=data_dir)
+        assert record["reused"] and entry["checkpoint"] == run["checkpoint"] == record["checkpoint"]
+        for field in ("triggered_compliance", "clean_compliance", "fires", "epochs"):
+            assert entry[field] == record[field], (key, field)
+        assert entry["epochs"] == run["epochs_trained"]
+        assert _backdoor_cell(entry) in md
+    assert all(rows[key]["run"] is None for key in ("a", "b", "f"))
 
 
 def test_factor_f_equals_the_extraction_stages_middle_layer(study, tmp_path):
@@ -189,7 +210,7 @@ def test_compare_and_override_rules():
     by_key = {f.key: f for f in FACTORS}
     assert _finetune_override(by_key["d"], args, opts)[0] == {}  # already the paper's: not applicable
     assert _finetune_override(by_key["e"], args, opts)[0] == {}
-    assert _finetune_override(by_key["c"], args, opts)[0] == {"loss_on": "all"}
+    assert _finetune_override(by_key["c"], args, opts)[0] == {"loss_on": "all-padded"}
     assert _finetune_override(by_key["e"], {**args, "epochs": 5}, opts)[0] == {"epochs": 15, "early_stopping": False}
 
 

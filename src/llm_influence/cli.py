@@ -179,8 +179,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     g.add_argument("--max-grad-norm", type=float, help="gradient-norm clipping (0: none)")
     g.add_argument("--max-length", type=int, help="token limit of prompt + response (truncated beyond)")
-    g.add_argument("--loss-on", choices=["response", "all"],
-                   help="response: mask prompt tokens (default); all: the paper's v2 variant")
+    g.add_argument("--loss-on", choices=["response", "all", "all-padded"],
+                   help="response: mask prompt tokens (default); all: prompt and response; all-padded: the "
+                   "authors' v2 code (left-padded with EOS to --max-length, the padding supervised too)")
     g.add_argument("--seed", type=int, help="seed of LoRA initialisation, dropout and batch order (training only)")
     g.add_argument("--early-stopping", dest="early_stopping", action=argparse.BooleanOptionalAction, default=None,
                    help="stop when the validation loss has risen for --patience evaluations (needs validation)")
@@ -633,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "without it a fresh LoRA (B=0) gives randomly projected full-weight gradients")
     src.add_argument("--train", help="training set JSONL: prompt, response, optional id and group")
     src.add_argument("--max-length", type=int, help="token limit used in fine-tuning (default 256)")
-    src.add_argument("--loss-on", choices=["response", "all"], help="tokens the fine-tuning loss covered")
+    src.add_argument("--loss-on", choices=["response", "all", "all-padded"], help="tokens the fine-tuning loss covered")
     q = p.add_argument_group("queries")
     q.add_argument("--prompt", help="the prompt to explain")
     q.add_argument("--response", help="the response to explain (default: generate it greedily)")

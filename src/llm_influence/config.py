@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Optional, Union
 
 from .errors import UserError
+from .models.formatting import LOSS_ON_CHOICES
 from .models.lora import LoraSpec
 
 PerGroup = Optional[Union[int, dict[str, int]]]
@@ -41,7 +42,7 @@ class TrainArgs:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 256
-    loss_on: Literal["response", "all"] = "response"
+    loss_on: Literal["response", "all", "all-padded"] = "response"
     seed: int = 0
     early_stopping: bool = True
     patience: int = 3
@@ -59,7 +60,7 @@ class TrainArgs:
             ("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1), ("max_length", self.max_length >= 8),
             ("patience", self.patience >= 1), ("eval_batch_size", self.eval_batch_size >= 1),
-            ("loss_on", self.loss_on in ("response", "all")), ("validation", self.validation in ("held-out", "none")),
+            ("loss_on", self.loss_on in LOSS_ON_CHOICES), ("validation", self.validation in ("held-out", "none")),
             ("weight_decay", self.weight_decay >= 0), ("max_grad_norm", self.max_grad_norm >= 0),
             ("val_per_group", self.val_per_group is None or self.val_per_group >= 1),
             ("autocast", self.autocast in ("none", "bf16")),

@@ -44,6 +44,7 @@ import numpy as np
 
 from .attribute import AttributeArgs, attribute, build_methods, read_scores
 from .config import TrainArgs
+from .models.formatting import LOSS_ON_CHOICES
 from .data.example import Example
 from .data.jsonl import iter_json_objects, read_examples, string_field, unique_id
 from .errors import UserError
@@ -187,8 +188,8 @@ def _validate(args: ExplainArgs, queries: Sequence[Query]) -> None:
         raise UserError(f"--rank-by must be one of {', '.join(RANK_BY_CHOICES)}, got {args.rank_by!r}")
     if args.max_length < 8:
         raise UserError(f"--max-length must be at least 8, got {args.max_length}")
-    if args.loss_on not in ("response", "all"):
-        raise UserError(f"--loss-on must be 'response' or 'all', got {args.loss_on!r}")
+    if args.loss_on not in LOSS_ON_CHOICES:
+        raise UserError(f"--loss-on must be one of {', '.join(LOSS_ON_CHOICES)}, got {args.loss_on!r}")
     if not queries:
         raise UserError("give a --prompt or a --queries file")
     ids = [q.id for q in queries]

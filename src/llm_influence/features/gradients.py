@@ -25,7 +25,8 @@ Details that matter:
   training mode every forward would draw a different dropout mask).
 * Pad positions get no gradient (their outputs feed no loss and are masked as attention
   keys); ``x`` and ``delta`` are zeroed there with ``where`` so a non-finite activation at a
-  pad position cannot leak in. Left and right padding give the same gradients.
+  pad position cannot leak in. Left and right padding give the same gradients. The
+  supervised leading pads of ``loss_on="all-padded"`` are not zeroed.
 * Only the LoRA matrices require gradients during extraction (the base model is frozen).
 * Batches are formed from examples sorted by length (less padding); results are written
   back in the input order and do not depend on the batch size or composition.
@@ -180,10 +181,16 @@ class LoraGradientCapture:
         self._x.clear()
 
     def begin(self, attention_mask: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
-        """Start a batch: ``attention_mask`` [B, T]; ``labels`` [B, T] needed when ``kfac``."""
+        """Start a batch: ``attention_mask`` [B, T]; ``labels`` [B, T] needed when ``kfac``.
+
+        Positions outside the attention mask are zeroed unless supervised: the leading pad
+        tokens of ``loss_on="all-padded"`` carry losses (under SDPA their gradient is 0; an
+        attention that lets them see the sequence gives them one, and it is kept)."""
         self._x.clear()
         self._grads = {}
         self._mask = attention_mask.bool()
+        if labels is not None:
+            self._mask = self._mask | (labels.to(self._mask.device) != IGNORE_INDEX)
         if self.kfac:
             if labels is None:
                 raise ValueError("K-FAC accumulation needs the batch labels")

@@ -278,8 +278,8 @@ def representation_gradients(model, encoded: Sequence[Encoded], pad_id: int, *, 
             h, g, batch_losses = _batched_pass(model, holder, batch, device, autocast_dtype, loss_scale, measure)
             rows = torch.arange(len(idx), device=h.device)
             p = batch["last_prompt_index"].to(h.device)
-            ends = (batch["attention_mask"].sum(1) + (0 if side == "right" else
-                    batch["attention_mask"].shape[1] - batch["attention_mask"].sum(1))).to(h.device)
+            mask = batch["attention_mask"]
+            ends = (mask.shape[1] - mask.flip(1).argmax(1)).to(h.device)  # one past the last attended token
             nxt = torch.clamp(p + 1, max=h.shape[1] - 1)
             has_next = (p + 1 < ends)[:, None]
             sig = torch.stack([h[rows, p], g[rows, p],

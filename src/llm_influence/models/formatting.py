@@ -3,8 +3,23 @@
 An example becomes ``prompt_ids + response_ids`` where ``prompt_ids`` is the model's chat
 template for the user turn with the generation prompt (``<|im_start|>assistant\\n`` for
 SmolLM2) and ``response_ids`` is the rest of the template rendered with the assistant turn
-(the response, the end-of-turn token and the template's trailing text). Labels are -100 on
-the prompt tokens unless ``loss_on="all"`` (the paper's v2 variant, labels = input ids).
+(the response, the end-of-turn token and the template's trailing text). What the loss covers
+(``loss_on``):
+
+* ``"response"`` (default): labels are -100 on the prompt tokens;
+* ``"all"``: labels = input ids, prompt and response (no padding);
+* ``"all-padded"``: the authors' v2 code (``PAPER_CODE_NOTES.md``): the sequence is
+  left-padded with the EOS token to exactly ``max_length`` and labels = input ids,
+  *padding included*. The pad tokens are masked as attention keys (``attention_mask`` 0,
+  as the tokenizer's padding gives) but their next-token losses count, so every example's
+  loss is a mean over ``max_length - 1`` predictions whatever its length: an example's
+  gradient is scaled by its share of real tokens. Under PyTorch's SDPA attention a pad
+  query attends to nothing (its attention output is 0), so the pad positions' losses are
+  constant in the LoRA weights and add no gradient (``tests/test_models_formatting.py``
+  checks this). The authors' transformers of 2024 on CUDA instead let fully masked rows
+  attend to the whole sequence (``AttentionMaskConverter._unmask_unattended``), a term
+  this variant does not reproduce.
+
 Models without a chat template use the paper's v1 template ``User: {prompt}\\n---\\nAssistant: ``.
 """
 
@@ -18,17 +33,20 @@ import torch
 from ..data.example import Example
 
 IGNORE_INDEX = -100
-LossOn = Literal["response", "all"]
+LossOn = Literal["response", "all", "all-padded"]
+LOSS_ON_CHOICES = ("response", "all", "all-padded")
 FALLBACK_TEMPLATE = "User: {prompt}\n---\nAssistant: "
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """One tokenized example. ``prompt_len`` tokens of ``input_ids`` are the prompt."""
+    """One tokenized example: ``n_pad`` leading pad tokens (attention 0; only
+    ``loss_on="all-padded"`` has them), then ``prompt_len`` prompt tokens, then the response."""
 
     input_ids: list[int]
     labels: list[int]
     prompt_len: int
+    n_pad: int = 0
 
     @property
     def n_supervised(self) -> int:
@@ -39,8 +57,8 @@ class ChatFormatter:
     """Turns :class:`Example` s into token ids with a label mask, and prompts into model input."""
 
     def __init__(self, tokenizer, max_length: int = 256, loss_on: LossOn = "response") -> None:
-        if loss_on not in ("response", "all"):
-            raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}")
+        if loss_on not in LOSS_ON_CHOICES:
+            raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON_CHOICES)}, got {loss_on!r}")
         if max_length < 8:
             raise ValueError(f"max_length must be at least 8, got {max_length}")
         self.tokenizer = tokenizer
@@ -88,11 +106,21 @@ class ChatFormatter:
             p_ids = p_ids[len(p_ids) - (self.max_length - min_resp):]
         r_ids = r_ids[: self.max_length - len(p_ids)]
         ids = p_ids + r_ids
+        if self.loss_on == "all-padded":
+            n_pad = self.max_length - len(ids)
+            ids = [self.pad_to_length_id()] * n_pad + ids
+            return Encoded(input_ids=ids, labels=list(ids), prompt_len=len(p_ids), n_pad=n_pad)
         if self.loss_on == "all":
             labels = list(ids)
         else:
             labels = [IGNORE_INDEX] * len(p_ids) + list(r_ids)
         return Encoded(input_ids=ids, labels=labels, prompt_len=len(p_ids))
+
+    def pad_to_length_id(self) -> int:
+        """The token ``"all-padded"`` pads with: EOS, as the authors' code (the pad token
+        when the tokenizer has no EOS)."""
+        eos = self.tokenizer.eos_token_id
+        return int(eos if eos is not None else self.tokenizer.pad_token_id)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Prompt tokens for generation (cut from the left to fit ``max_length``)."""
@@ -102,7 +130,8 @@ class ChatFormatter:
 
 def collate(batch: Sequence[Encoded], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
     """Pad a batch. Returns ``input_ids``, ``attention_mask``, ``labels`` ([B, T]) and
-    ``last_prompt_index`` ([B], position of each example's last prompt token)."""
+    ``last_prompt_index`` ([B], position of each example's last prompt token). An example's
+    own leading pad tokens (``Encoded.n_pad``) keep their labels and get attention 0."""
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -112,9 +141,9 @@ def collate(batch: Sequence[Encoded], pad_id: int, side: str = "right") -> dict[
         n = len(e.input_ids)
         start = 0 if side == "right" else width - n
         ids[i, start:start + n] = torch.tensor(e.input_ids)
-        mask[i, start:start + n] = 1
+        mask[i, start + e.n_pad:start + n] = 1
         labels[i, start:start + n] = torch.tensor(e.labels)
-        last_prompt[i] = start + max(e.prompt_len, 1) - 1
+        last_prompt[i] = start + e.n_pad + max(e.prompt_len, 1) - 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "last_prompt_index": last_prompt}
 
 

@@ -11,11 +11,10 @@ score (−IF, descending). Each factor then changes exactly one thing:
   10 steps, r_T undivided): same run and gradients, another method; only the LiSSA column.
 * **(b)** ranking −IF → |IF| (``rank_by="abs"``, the paper's older ranking): the baseline's
   own score matrices ranked by absolute value; every method.
-* **(c)** loss on the response → on every token (``loss_on="all"``, the authors' v2 labels
-  = input ids): a new fine-tune and extraction; every method. Our ``"all"`` supervises the
-  prompt and the response tokens; padding stays unsupervised (the authors' v2 code also
-  supervises the eos padding up to 128 tokens), so this moves the loss to the prompt but
-  does not reproduce their padding term.
+* **(c)** loss on the response → on every token, padding included (``loss_on="all-padded"``,
+  the authors' v2 code: left-padded with EOS to ``max_length``, labels = input ids; see
+  :mod:`llm_influence.models.formatting` for what the pad positions contribute): a new
+  fine-tune and extraction; every method.
 * **(d)** max length → the paper's 128 tokens (option ``paper_max_length``): a new fine-tune
   and extraction (training and gradients see the longer responses); every method.
 * **(e)** training length → the paper's epochs (option ``paper_epochs``: 15 under ``cpu``
@@ -79,6 +78,7 @@ import torch
 
 from .. import distributed
 from ..errors import UserError
+from ..evaluation.backdoor import is_backdoor_task, result_entry, run_backdoor_check
 from ..evaluation.metrics import AttributionMetrics, evaluate_scores, relevance_from_task
 from ..evaluation.run_metrics import diagnostics_summary
 from ..evaluation.uncertainty import bootstrap_ci
@@ -291,15 +291,22 @@ def layer_representations(run: RunDir, checkpoint: str, layer_option: str | int,
 # =======================================================================================
 
 
-def _run_facts(tr: TaskRun) -> dict[str, Any]:
-    """The run's facts (path, reuse, sizes) plus its training settings and epochs trained."""
+def _run_facts(tr: TaskRun, out_dir: Path, data_dir: Optional[Path]) -> dict[str, Any]:
+    """The run's facts (path, reuse, sizes) plus its training settings and epochs trained;
+    for a backdoor task also ``"backdoor"``: whether the backdoor fires at the scored (last)
+    checkpoint (:func:`~llm_influence.evaluation.backdoor.run_backdoor_check`, greedy
+    generation on the held-out prompts, reused from ``RUN/backdoor/`` when its key matches)."""
     train = tr.run.config()["finetune"]["train"]
     log_rows = epoch_log(tr.run)
-    return {**tr.info(), "checkpoint": tr.run.resolve_checkpoints("last")[0],
-            "epochs": train["epochs"], "max_length": train["max_length"], "loss_on": train["loss_on"],
-            "early_stopping": train["early_stopping"], "epochs_trained": max(tr.run.epochs()),
-            "final_train_loss": log_rows[-1]["train_loss"] if log_rows else None,
-            "final_val_loss": log_rows[-1]["val_loss"] if log_rows else None}
+    facts = {**tr.info(), "checkpoint": tr.run.resolve_checkpoints("last")[0],
+             "epochs": train["epochs"], "max_length": train["max_length"], "loss_on": train["loss_on"],
+             "early_stopping": train["early_stopping"], "epochs_trained": max(tr.run.epochs()),
+             "final_train_loss": log_rows[-1]["train_loss"] if log_rows else None,
+             "final_val_loss": log_rows[-1]["val_loss"] if log_rows else None}
+    if is_backdoor_task(tr.task):
+        record = run_backdoor_check(tr.run.path, "last", data_dir=data_dir)
+        facts["backdoor"] = result_entry(record, relative_to=out_dir)
+    return facts
 
 
 def _score_run(tr: TaskRun, specs: list[tuple[str, str, dict]], opts: dict
@@ -327,8 +334,8 @@ def _finetune_override(factor: Factor, base_args: dict[str, Any], opts: dict) ->
     """``(train override, setting text)`` of a fine-tune factor; an empty override when the
     baseline already has the paper's setting."""
     if factor.key == "c":
-        target = {"loss_on": "all"}
-        text = f"loss on {base_args['loss_on']} → all"
+        target = {"loss_on": "all-padded"}
+        text = f"loss on {base_args['loss_on']} → all tokens, padding included (all-padded)"
     elif factor.key == "d":
         target = {"max_length": int(opts["paper_max_length"])}
         text = f"max length {base_args['max_length']} → {target['max_length']} tokens"
@@ -364,7 +371,7 @@ def run_task(task_name: str, profile: str, out_dir: Path, data_dir: Optional[Pat
     factors = [FACTOR_BY_KEY[k] for k in opts["factors"]]
     runs = opts["runs"] or None
     base_tr = profile_task_run(NAME, task_name, profile, out_dir, data_dir, runs)
-    base_facts = _run_facts(base_tr)
+    base_facts = _run_facts(base_tr, out_dir, data_dir)
     relevant = relevance_from_task(base_tr.task)
     specs = [(m, *method_spec(m, ratio)) for m in methods]
     with_paper_lissa = "lissa" in methods and "a" in opts["factors"]
@@ -422,7 +429,7 @@ def _factor_finetune(factor: Factor, task_name: str, profile: str, out_dir: Path
     paired = test_ids == base_test_ids
     run_relevant = relevance_from_task(tr.task)
     cells = _factor_cells(scored, base_cells, methods, run_relevant, "score", paired, factor)
-    facts = {**_run_facts(tr), "override": override, "same_test_examples": paired}
+    facts = {**_run_facts(tr, out_dir, data_dir), "override": override, "same_test_examples": paired}
     return _row(factor.key, factor.title, setting, cells, facts,
                 {"finetune": tr.finetune_seconds, "features": feat_s,
                  "scoring": sum(s.seconds for s in scored.values())})
@@ -597,8 +604,17 @@ def _seconds(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _backdoor_cell(entry: Optional[dict]) -> str:
+    """``"0.80 / 0.00 (fires)"``: triggered and clean compliance of a backdoor run, else ``—``."""
+    if not entry or entry.get("triggered_compliance") is None or entry.get("clean_compliance") is None:
+        return "—"
+    return (f"{entry['triggered_compliance']:.2f} / {entry['clean_compliance']:.2f} "
+            f"({'fires' if entry.get('fires') else 'does not fire'})")
+
+
 def _run_table(results: list[dict]) -> str:
-    head = ["task", "row", "run", "epochs trained", "max length", "loss on", "fine-tune s", "features s", "scoring s"]
+    head = ["task", "row", "run", "epochs trained", "max length", "loss on", "backdoor: triggered / clean",
+            "fine-tune s", "features s", "scoring s"]
     rows = []
     for r in results:
         for row in r["rows"]:
@@ -607,7 +623,7 @@ def _run_table(results: list[dict]) -> str:
             where = run.get("run_dir", "the baseline run" if not row["skipped"] else "not run")
             rows.append([r["task"], row["key"], where + (" (reused)" if run.get("reused") else ""),
                          run.get("epochs_trained"), run.get("max_length"), run.get("loss_on"),
-                         _seconds(s.get("finetune")), _seconds(s.get("features")), _seconds(s.get("scoring"))])
+                         _backdoor_cell(run.get("backdoor")), _seconds(s.get("finetune")), _seconds(s.get("features")), _seconds(s.get("scoring"))])
     return markdown_table(head, rows)
 
 
@@ -618,7 +634,7 @@ def _markdown(results: list[dict], methods: list[str], opts: dict, fig_name: str
         f"Starting from our defaults (profile {profile}: the run `reproduce` fine-tunes, last checkpoint, ranking by "
         f"score = −IF, damping ratio {opts['damping_ratio']}), each row changes exactly one setting toward the "
         "paper's: (a) LiSSA → the authors' recursion `lissa-paper`; (b) ranking by |IF|; (c) the training loss on "
-        "every token (prompt and response; padding stays unsupervised, unlike the authors' v2 code); (d) the "
+        "every token, the EOS left-padding to max length included (the authors' v2 code); (d) the "
         "paper's max length; (e) the paper's epochs (early stopping "
         + ("kept" if opts["long_early_stopping"] else "off") + "); (f) RepSim at a middle hidden state (the "
         "authors read the last layer, as we do: a sensitivity check). (a), (b) and (f) reuse the baseline run; "
@@ -634,7 +650,9 @@ def _markdown(results: list[dict], methods: list[str], opts: dict, fig_name: str
     parts += ["**What moves beyond the intervals** (disjoint 95 % intervals; computed from the numbers above):", ""]
     for r in results:
         parts += [f"- {r['task']}: " + "; ".join(factor_sentence(row, methods) for row in r["rows"][1:]) + "."]
-    parts += ["", "Runs and seconds (this machine):", "", _run_table(results), "",
+    parts += ["", "Runs and seconds (this machine); for a backdoor task, the share of held-out triggered prompts the "
+              "scored checkpoint complies with and of clean prompts it complies with (greedy generation; the backdoor "
+              "fires at >= 0.8 / <= 0.2):", "", _run_table(results), "",
               "![Acc (top) and Cover (bottom) per factor and method with 95 % intervals, one panel per task]"
               f"({fig_name})",
               ""]
@@ -647,7 +665,7 @@ def _markdown(results: list[dict], methods: list[str], opts: dict, fig_name: str
 
 
 @register_study(NAME, "issue 14: Acc/Cover of DataInf, LiSSA, GradSim, RepSim, Exact with one setting at a time "
-                      "changed toward the paper's (lissa-paper, |IF|, loss on all, 128 tokens, 15 epochs, "
+                      "changed toward the paper's (lissa-paper, |IF|, loss on all tokens and padding, 128 tokens, 15 epochs, "
                       "middle-layer RepSim) on mixed-small and backdoor-1")
 def paper_gap_study(profile: str, out_dir: Path, data_dir: Optional[Path], options: dict) -> StudyResult:
     """Run the paper-gap study (module docstring) and write ``paper-gap.png``.
