@@ -113,6 +113,25 @@ def test_finetune_factors_really_fine_tuned_with_the_change(study, key, field, v
         _same(row["cells"][m], expected[m])
 
 
+def test_factor_c_counts_the_padding_it_added(study):
+    """(c)'s ``padding`` facts are the pad tokens of the run's own encodings, and the report
+    says how many rows had any."""
+    from llm_influence.models import ChatFormatter, load_model
+    from llm_influence.rundir import RunDir
+
+    _, result, _, _, rows = study
+    run = RunDir(rows["c"]["run"]["run_dir"])
+    fmt = ChatFormatter(load_model("tiny-llama")[1], max_length=run.config()["finetune"]["train"]["max_length"],
+                        loss_on="all-padded")
+    task = run.load_task()
+    for split, examples in (("train", task.train), ("test", task.test)):
+        pads = [fmt.encode(e).n_pad for e in examples]
+        facts = rows["c"]["padding"][split]
+        assert facts["rows"] == len(pads) and facts["padded_rows"] == sum(n > 0 for n in pads)
+        assert facts["mean_pad_tokens"] == pytest.approx(sum(pads) / len(pads))
+    assert f"{rows['c']['padding']['train']['padded_rows']} of {len(task.train)} training" in result.markdown_path.read_text()
+
+
 def test_backdoor_check_of_every_fine_tuned_row(study, data_dir):
     """The baseline and each fine-tune factor carry the backdoor check of the checkpoint
     they scored, equal to the stand-alone check (which reuses its stored generations), and

@@ -430,9 +430,29 @@ def _factor_finetune(factor: Factor, task_name: str, profile: str, out_dir: Path
     run_relevant = relevance_from_task(tr.task)
     cells = _factor_cells(scored, base_cells, methods, run_relevant, "score", paired, factor)
     facts = {**_run_facts(tr, out_dir, data_dir), "override": override, "same_test_examples": paired}
+    extra = {"padding": padding_facts(tr)} if override.get("loss_on") == "all-padded" else {}
     return _row(factor.key, factor.title, setting, cells, facts,
                 {"finetune": tr.finetune_seconds, "features": feat_s,
-                 "scoring": sum(s.seconds for s in scored.values())})
+                 "scoring": sum(s.seconds for s in scored.values())}, **extra)
+
+
+def padding_facts(tr: TaskRun) -> dict[str, dict[str, float]]:
+    """How much padding ``loss_on="all-padded"`` adds to the run's examples, per split:
+    ``{"rows", "padded_rows" (rows shorter than max_length), "mean_pad_tokens"}``. With no
+    padded training row the padding term changes nothing in training, and a padded test
+    row only rescales its own gradient (its ranking of the training rows stays)."""
+    from ..models.formatting import ChatFormatter
+    from ..models.registry import load_model
+
+    finetune = tr.run.config()["finetune"]
+    _, tokenizer, _ = load_model(finetune["model"])
+    fmt = ChatFormatter(tokenizer, max_length=int(finetune["train"]["max_length"]), loss_on="all-padded")
+    out = {}
+    for split, examples in (("train", tr.task.train), ("test", tr.task.test)):
+        pads = [fmt.encode(e).n_pad for e in examples]
+        out[split] = {"rows": len(pads), "padded_rows": sum(1 for n in pads if n > 0),
+                      "mean_pad_tokens": float(np.mean(pads)) if pads else 0.0}
+    return out
 
 
 def _factor_f(factor: Factor, base_tr: TaskRun, base_cells: dict[str, dict], methods: list[str],
@@ -650,6 +670,14 @@ def _markdown(results: list[dict], methods: list[str], opts: dict, fig_name: str
     parts += ["**What moves beyond the intervals** (disjoint 95 % intervals; computed from the numbers above):", ""]
     for r in results:
         parts += [f"- {r['task']}: " + "; ".join(factor_sentence(row, methods) for row in r["rows"][1:]) + "."]
+    for r in results:
+        for row in r["rows"]:
+            if row.get("padding"):
+                tr_, te_ = row["padding"]["train"], row["padding"]["test"]
+                parts += ["", f"({row['key']}) on {r['task']}: {tr_['padded_rows']} of {tr_['rows']} training and "
+                          f"{te_['padded_rows']} of {te_['rows']} attributed test rows are shorter than the max length "
+                          f"and get padding (mean {tr_['mean_pad_tokens']:.2f} / {te_['mean_pad_tokens']:.2f} pad "
+                          "tokens per row); the rest fill the window, so for them the padding term is absent."]
     parts += ["", "Runs and seconds (this machine); for a backdoor task, the share of held-out triggered prompts the "
               "scored checkpoint complies with and of clean prompts it complies with (greedy generation; the backdoor "
               "fires at >= 0.8 / <= 0.2):", "", _run_table(results), "",
