@@ -54,14 +54,11 @@ numbers, never written by hand.
 Acc and Cover are in [0, 1] against the task's ground truth (same group), ties as expected
 values, intervals 95 % percentile bootstrap over test examples (2,000 seeded resamples).
 
-**Cost under ``cpu``** (estimated from the measured ~0.65 s per 96-token training
-example-epoch, ~0.15 s per validation forward, ~0.6 s per extracted example, ~0.15 s per
-representation-only forward; not yet run): mixed-small has 40 training / 32 attributed test
-/ 8 validation rows and 5 epochs, backdoor-1 100 / 30 / 16 and 4 epochs. Baseline: nothing
-when ``reproduce``'s runs and feature caches are there, else ~3 + ~6 min fine-tune and
-extraction. (a), (b): seconds. (c): the baseline's cost again, ~9 min. (d): up to 128/96 of
-that, ~12 min. (e): 15 epochs, ~7.5 min (mixed-small) + ~18 min (backdoor-1) = ~26 min.
-(f): ~0.5 min. In all **~48 min with reproduce's runs, ~57 min on its own** on 2 cores.
+**Cost under ``cpu``** (measured on 2 cores, ``make reproduce``'s pass: 2,058 s in all):
+the baseline reuses ``reproduce``'s runs and feature caches (seconds); (a), (b), (f) cost
+seconds (f: ~17 s of representations); (c)'s fine-tunes took 112 s (mixed-small) and 239 s
+(backdoor-1) plus 36 s and 66 s of extraction; (d) and (e) fine-tune anew as well, the
+15-epoch runs of (e) being most of the study; each backdoor check ~15 s of generation.
 
 The helpers shared with the other LLM studies are in :mod:`.llm_runs`.
 """
