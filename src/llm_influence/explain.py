@@ -44,13 +44,13 @@ import numpy as np
 
 from .attribute import AttributeArgs, attribute, build_methods, read_scores
 from .config import TrainArgs
-from .models.formatting import LOSS_ON_CHOICES
 from .data.example import Example
 from .data.jsonl import iter_json_objects, read_examples, string_field, unique_id
 from .errors import UserError
 from .evaluation.metrics import RANK_BY_CHOICES, rank_training, tie_ranks
 from .features import store as feature_store
 from .io_utils import atomic_path, publish_dir
+from .models.formatting import LOSS_ON_CHOICES
 from .models.lora import LoraSpec
 from .progress import log
 from .rundir import RunDir, write_examples

@@ -42,7 +42,9 @@ gradient*: the non-pad positions ``t`` with ``t <= p_b``, where ``p_b`` is the l
 position whose logit is supervised (``labels[b, p_b + 1] != -100``). By causality, tokens
 after ``p_b`` (e.g. the final token, whose logit predicts nothing) influence no loss at any
 layer, so they are excluded from both factors; every other non-pad token is included in
-both, including prompt tokens (which receive gradient through attention). ``N = |S|``
+both, including prompt tokens (which receive gradient through attention); the supervised
+leading pads of ``loss_on="all-padded"`` are outside the attention mask and not in ``S``
+(under SDPA they receive no gradient). ``N = |S|``
 summed over all examples, the same ``N`` for every block. Sums run in float64 (the raw sums
 and ``N`` are returned too, so chunks of a split can be combined exactly).
 
