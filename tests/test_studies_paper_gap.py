@@ -91,7 +91,8 @@ def test_factor_b_equals_the_baseline_ranked_by_abs(study):
     assert rows["b"]["run"] is None
 
 
-@pytest.mark.parametrize("key,field,value", [("c", "loss_on", "all-padded"), ("d", "max_length", 128), ("e", "epochs", 4)])
+@pytest.mark.parametrize("key,field,value",
+                         [("c", "loss_on", "all-padded"), ("d", "max_length", 128), ("e", "epochs", 4)])
 def test_finetune_factors_really_fine_tuned_with_the_change(study, key, field, value):
     _, _, _, _, rows = study
     from llm_influence.rundir import RunDir
@@ -129,7 +130,8 @@ def test_factor_c_counts_the_padding_it_added(study):
         facts = rows["c"]["padding"][split]
         assert facts["rows"] == len(pads) and facts["padded_rows"] == sum(n > 0 for n in pads)
         assert facts["mean_pad_tokens"] == pytest.approx(sum(pads) / len(pads))
-    assert f"{rows['c']['padding']['train']['padded_rows']} of {len(task.train)} training" in result.markdown_path.read_text()
+    padded = rows["c"]["padding"]["train"]["padded_rows"]
+    assert f"{padded} of {len(task.train)} training" in result.markdown_path.read_text()
 
 
 def test_backdoor_check_of_every_fine_tuned_row(study, data_dir):

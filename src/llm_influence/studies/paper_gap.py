@@ -640,7 +640,8 @@ def _run_table(results: list[dict]) -> str:
             where = run.get("run_dir", "the baseline run" if not row["skipped"] else "not run")
             rows.append([r["task"], row["key"], where + (" (reused)" if run.get("reused") else ""),
                          run.get("epochs_trained"), run.get("max_length"), run.get("loss_on"),
-                         _backdoor_cell(run.get("backdoor")), _seconds(s.get("finetune")), _seconds(s.get("features")), _seconds(s.get("scoring"))])
+                         _backdoor_cell(run.get("backdoor")), _seconds(s.get("finetune")),
+                         _seconds(s.get("features")), _seconds(s.get("scoring"))])
     return markdown_table(head, rows)
 
 
@@ -690,8 +691,8 @@ def _markdown(results: list[dict], methods: list[str], opts: dict, fig_name: str
 
 
 @register_study(NAME, "issue 14: Acc/Cover of DataInf, LiSSA, GradSim, RepSim, Exact with one setting at a time "
-                      "changed toward the paper's (lissa-paper, |IF|, loss on all tokens and padding, 128 tokens, 15 epochs, "
-                      "middle-layer RepSim) on mixed-small and backdoor-1")
+                      "changed toward the paper's (lissa-paper, |IF|, loss on all tokens and padding, 128 tokens, "
+                      "15 epochs, middle-layer RepSim) on mixed-small and backdoor-1")
 def paper_gap_study(profile: str, out_dir: Path, data_dir: Optional[Path], options: dict) -> StudyResult:
     """Run the paper-gap study (module docstring) and write ``paper-gap.png``.
 
