@@ -80,6 +80,16 @@ def test_finite_choices_are_declared():
         assert _options(COMMANDS[name])[opt].choices, (name, opt)
 
 
+def test_loss_on_choices_are_the_formatters():
+    """Every ``--loss-on`` accepts exactly the encodings :class:`ChatFormatter` implements."""
+    from llm_influence.models.formatting import LOSS_ON_CHOICES
+
+    flags = [(name, _options(sub)["--loss-on"]) for name, sub in COMMANDS.items() if "--loss-on" in _options(sub)]
+    assert {name for name, _ in flags} >= {"finetune", "explain"}
+    for name, action in flags:
+        assert tuple(action.choices) == LOSS_ON_CHOICES, name
+
+
 def test_inapplicable_flags_are_errors(tmp_path, capsys):
     run = str(tmp_path / "run")
     cases = [

@@ -25,6 +25,10 @@ from typing import Any, Optional, Sequence
 
 from .errors import UserError
 
+#: ``--loss-on`` values; the same as :data:`llm_influence.models.formatting.LOSS_ON_CHOICES`
+#: (written out so that building the parser does not import torch; a test keeps them equal).
+LOSS_ON_CHOICES = ("response", "all", "all-padded")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors (unknown flag, bad choice) are a :class:`UserError`: one line
@@ -179,7 +183,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     g.add_argument("--max-grad-norm", type=float, help="gradient-norm clipping (0: none)")
     g.add_argument("--max-length", type=int, help="token limit of prompt + response (truncated beyond)")
-    g.add_argument("--loss-on", choices=["response", "all", "all-padded"],
+    g.add_argument("--loss-on", choices=LOSS_ON_CHOICES,
                    help="response: mask prompt tokens (default); all: prompt and response; all-padded: the "
                    "authors' v2 code (left-padded with EOS to --max-length, the padding supervised too)")
     g.add_argument("--seed", type=int, help="seed of LoRA initialisation, dropout and batch order (training only)")
@@ -634,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "without it a fresh LoRA (B=0) gives randomly projected full-weight gradients")
     src.add_argument("--train", help="training set JSONL: prompt, response, optional id and group")
     src.add_argument("--max-length", type=int, help="token limit used in fine-tuning (default 256)")
-    src.add_argument("--loss-on", choices=["response", "all", "all-padded"], help="tokens the fine-tuning loss covered")
+    src.add_argument("--loss-on", choices=LOSS_ON_CHOICES, help="tokens the fine-tuning loss covered")
     q = p.add_argument_group("queries")
     q.add_argument("--prompt", help="the prompt to explain")
     q.add_argument("--response", help="the response to explain (default: generate it greedily)")
